@@ -1,0 +1,1 @@
+"""Herald's shared library: what every service imports, and nothing service-specific."""
