@@ -1,0 +1,53 @@
+# Herald: `make run` starts the platform on embedded defaults, `make test` checks it.
+# All that is assumed on the machine is Python 3.11+ and make.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	&& { command -v $$p; break; }; done)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck unit migrate bench lock clean help
+
+help:
+	@echo "make run      start the whole platform (embedded PostgreSQL, broker, SMTP sink, services)"
+	@echo "make test     lint, type-check and run every test"
+	@echo "make migrate  apply database migrations (DATABASE_URL, default: embedded server)"
+	@echo "make bench    run the benchmarks under bench/"
+	@echo "make lock     re-pin requirements.lock from pyproject.toml"
+
+$(STAMP):
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is required" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: $(STAMP)
+	$(PY) -m herald.devinfra
+
+migrate: $(STAMP)
+	$(PY) -m herald.migrations
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy shared services tests
+
+test: lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable --all | grep -vE '^(pip|setuptools|wheel)==' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

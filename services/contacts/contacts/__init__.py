@@ -1,0 +1,1 @@
+"""The contacts service. Contacts, lists, custom attributes, suppression and unsubscribe."""

@@ -1,0 +1,14 @@
+"""`python -m contacts`: serve the API, the consumers and the outbox relay."""
+
+from contacts.app import create_app
+from contacts.config import Settings
+from herald.serve import serve
+
+
+def main() -> None:
+    settings = Settings()
+    serve(create_app, settings, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

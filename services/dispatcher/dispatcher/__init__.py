@@ -1,0 +1,1 @@
+"""The dispatcher service. Renders, signs and delivers each recipient's message over SMTP."""

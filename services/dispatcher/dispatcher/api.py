@@ -1,0 +1,5 @@
+"""HTTP routes of the dispatcher service."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,1 @@
+"""The gateway: the platform's one public door, in front of every service."""

@@ -1,0 +1,5 @@
+"""Public routes of the gateway."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,4 @@
+"""The scheduler service.
+
+Durable timers and the fan-out of an email to per-recipient delivery jobs.
+"""

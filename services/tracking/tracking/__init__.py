@@ -1,0 +1,1 @@
+"""The tracking service. Delivery status, opens, clicks, bounces, complaints and reports."""

@@ -1,0 +1,228 @@
+"""The consumer runner: events in, effects committed with their inbox record, then offsets.
+
+For each partition's batch it decodes every message; what cannot be decoded goes to the topic's
+dead-letter topic with the reason. The rest are handled in one transaction per batch (each event
+claimed in the inbox first, so a redelivered event is a no-op). If that transaction fails, the
+batch is retried event by event, so one bad event cannot hold back its neighbours; an event
+whose handler keeps failing is dead-lettered after `max_attempts`. An unreachable database is
+not the event's fault: that is retried, without committing, until it comes back. Offsets are
+committed only after the effects are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from herald import db, inbox, logs
+from herald.db import Conn
+from herald.events import Envelope, EventData, PoisonMessage, decode
+from herald.kafka import client_options
+from herald.metrics import CONSUMER_LAG, EVENT_HANDLING, EVENTS_CONSUMED
+from herald.settings import BaseServiceSettings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope[Any], Conn], Awaitable[None]]
+Handlers = Mapping[type[EventData], Sequence[Handler]]
+
+
+class ConsumerRunner:
+    """Consumes the topics of `handlers` in consumer group `group_id` until stopped."""
+
+    def __init__(
+        self,
+        *,
+        settings: BaseServiceSettings,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        handlers: Handlers,
+        group_id: str | None = None,
+        max_batch: int = 500,
+        max_attempts: int = 5,
+        retry_delay: float = 0.2,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._producer = producer
+        self._by_type: dict[str, Sequence[Handler]] = {cls.TYPE: hs for cls, hs in handlers.items()}
+        self.topics = sorted({cls.TOPIC for cls in handlers})
+        self.group_id = group_id or settings.service_name
+        self._max_batch = max_batch
+        self._max_attempts = max_attempts
+        self._retry_delay = retry_delay
+        self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self.running = False
+
+    def stop(self) -> None:
+        """Finish and commit the batch under way, then return from `run`."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume until stopped; reconnects if the broker goes away."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self._consume()
+                delay = 0.5
+            except (KafkaError, OSError) as exc:
+                if self._stopping.is_set():
+                    break
+                log.warning("consumer interrupted, reconnecting", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _consume(self) -> None:
+        consumer = AIOKafkaConsumer(
+            *self.topics,
+            **client_options(self._settings),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self._max_batch,
+            session_timeout_ms=self._settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(self._settings.kafka_session_timeout_ms // 6, 100),
+        )
+        await consumer.start()
+        self._consumer = consumer
+        self.running = True
+        try:
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=300, max_records=self._max_batch)
+                for tp, records in batches.items():
+                    if not await self._process(tp, records):
+                        return  # stopping while the database was down: leave offsets as they are
+                    await self._commit(consumer, tp, records[-1].offset + 1)
+                await self._record_lag(consumer)
+        finally:
+            self.running = False
+            self._consumer = None
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        try:
+            await consumer.commit({tp: offset})
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partition moved to another member; it will redeliver, and the inbox dedupes.
+            log.info("offset commit lost to a rebalance", extra={"error": repr(exc)})
+
+    async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = await consumer.position(tp)
+            CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(
+                max(highwater - position, 0)
+            )
+
+    async def _process(self, tp: TopicPartition, records: Sequence[ConsumerRecord]) -> bool:
+        """Handle one partition's batch; False if stopped before its effects were durable."""
+        started = time.perf_counter()
+        events: list[tuple[ConsumerRecord, Envelope[Any]]] = []
+        for record in records:
+            try:
+                events.append((record, decode(record.value)))
+            except PoisonMessage as poison:
+                await self._dead_letter(record, poison.reason)
+        done = await self._handle_batch(tp.topic, events)
+        EVENT_HANDLING.labels(tp.topic).observe(time.perf_counter() - started)
+        return done
+
+    async def _handle_batch(
+        self, topic: str, events: list[tuple[ConsumerRecord, Envelope[Any]]]
+    ) -> bool:
+        if not events:
+            return True
+        delay = self._retry_delay
+        while True:
+            try:
+                outcomes = await self._in_one_transaction([e for _, e in events])
+                for outcome in outcomes:
+                    EVENTS_CONSUMED.labels(topic, outcome).inc()
+                return True
+            except Exception as exc:
+                if not db.is_connection_error(exc):
+                    log.warning("batch failed, retrying event by event", extra={"error": repr(exc)})
+                    return await self._one_by_one(topic, events)
+                if self._stopping.is_set():
+                    return False
+                log.warning("database unreachable, will retry", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _one_by_one(
+        self, topic: str, events: list[tuple[ConsumerRecord, Envelope[Any]]]
+    ) -> bool:
+        for record, envelope in events:
+            attempt = 0
+            delay = self._retry_delay
+            while True:
+                try:
+                    (outcome,) = await self._in_one_transaction([envelope])
+                    EVENTS_CONSUMED.labels(topic, outcome).inc()
+                    break
+                except Exception as exc:
+                    if db.is_connection_error(exc):
+                        if self._stopping.is_set():
+                            return False
+                    else:
+                        attempt += 1
+                        if attempt >= self._max_attempts:
+                            log.exception("handler failed; dead-lettering", exc_info=exc)
+                            reason = f"handler failed {attempt} times: {exc!r}"
+                            await self._dead_letter(record, reason[:1000])
+                            break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        return True
+
+    async def _in_one_transaction(self, envelopes: Sequence[Envelope[Any]]) -> list[str]:
+        outcomes = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            for envelope in envelopes:
+                handlers = self._by_type.get(envelope.type)
+                if not handlers:
+                    outcomes.append("ignored")
+                    continue
+                if not await inbox.claim(conn, event_id=envelope.id, topic=envelope.topic):
+                    outcomes.append("duplicate")
+                    continue
+                token = logs.correlation_id.set(envelope.correlation_id or str(envelope.id))
+                try:
+                    for handler in handlers:
+                        await handler(envelope, conn)
+                finally:
+                    logs.correlation_id.reset(token)
+                outcomes.append("processed")
+        return outcomes
+
+    async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        headers = [
+            *(record.headers or ()),
+            ("dlq.reason", reason.encode()),
+            ("dlq.topic", record.topic.encode()),
+            ("dlq.partition", str(record.partition).encode()),
+            ("dlq.offset", str(record.offset).encode()),
+            ("dlq.group", self.group_id.encode()),
+            ("dlq.failed_at", datetime.now(UTC).isoformat().encode()),
+        ]
+        await self._producer.send_and_wait(
+            f"{record.topic}.dlq", value=record.value, key=record.key, headers=headers
+        )
+        EVENTS_CONSUMED.labels(record.topic, "dead_lettered").inc()
+        log.warning(
+            "message dead-lettered",
+            extra={"topic": record.topic, "offset": record.offset, "reason": reason},
+        )

@@ -1,0 +1,86 @@
+"""Kafka clients configured from settings, topic creation, and a broker reachability check."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from herald.settings import BaseServiceSettings
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def client_options(settings: BaseServiceSettings) -> dict[str, Any]:
+    """Connection options shared by producers, consumers and the admin client."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+        "client_id": f"herald-{settings.service_name}",
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context()
+    if settings.kafka_sasl_mechanism:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        password = settings.kafka_sasl_password
+        options["sasl_plain_password"] = password.get_secret_value() if password else None
+    return options
+
+
+def create_producer(settings: BaseServiceSettings) -> AIOKafkaProducer:
+    """A producer that waits for all in-sync replicas; idempotence only where the broker has it."""
+    return AIOKafkaProducer(
+        **client_options(settings),
+        acks="all",
+        enable_idempotence=settings.kafka_idempotent_producer,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=15000,
+    )
+
+
+async def ensure_topics(
+    settings: BaseServiceSettings, topics: list[str], *, partitions: int | None = None
+) -> list[str]:
+    """Create the topics that do not exist yet; returns those created. Safe to run concurrently."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if not missing:
+            return []
+        count = partitions or settings.kafka_partitions
+        new = [
+            # Dead-letter topics are low-volume; one partition keeps them easy to read in order.
+            NewTopic(t, 1 if t.endswith(".dlq") else count, settings.kafka_replication_factor)
+            for t in missing
+        ]
+        response = await admin.create_topics(new)
+        created = []
+        for topic, code, message in (e[:3] for e in response.topic_errors):
+            if code == 0:
+                created.append(topic)
+            elif code != _TOPIC_ALREADY_EXISTS:
+                raise KafkaError(f"cannot create topic {topic}: {code} {message}")
+        return created
+    finally:
+        await admin.close()
+
+
+async def broker_reachable(producer: AIOKafkaProducer, timeout: float = 2.0) -> bool:
+    """Whether the producer's client can fetch cluster metadata right now."""
+    try:
+        async with asyncio.timeout(timeout):
+            await producer.client.fetch_all_metadata()
+    except (KafkaError, TimeoutError, OSError):
+        return False
+    return True
