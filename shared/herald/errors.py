@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -113,6 +114,11 @@ async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_json(exc.status_code, code, str(exc.detail), headers=headers)
 
 
+async def _on_unstorable_text(_: Request, exc: Exception) -> JSONResponse:
+    # PostgreSQL text cannot hold NUL; no field of ours needs it, so it is bad input, not a bug.
+    return error_json(422, "invalid_text", "text must not contain NUL (U+0000) characters")
+
+
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_json(500, "internal_error", "internal error")
@@ -123,6 +129,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(asyncpg.CharacterNotInRepertoireError, _on_unstorable_text)
+    app.add_exception_handler(asyncpg.UntranslatableCharacterError, _on_unstorable_text)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

@@ -26,6 +26,7 @@ from herald.health import Check, health_router
 from herald.kafka import broker_reachable, create_producer
 from herald.metrics import SERVICE_INFO, MetricsMiddleware
 from herald.outbox import OutboxRelay
+from herald.security import token_verification
 from herald.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def create_service_app(
     router: APIRouter | None = None,
     handlers: Handlers | None = None,
     uses_database: bool = True,
+    verifies_tokens: bool = True,
     workers: tuple[Worker, ...] = (),
     extra_checks: Mapping[str, Callable[[Runtime], Check]] | None = None,
 ) -> FastAPI:
@@ -140,6 +142,10 @@ def create_service_app(
                 consumer_task = runtime.start_task(runner.run(), f"consumer-{runner.group_id}")
                 stack.push_async_callback(_stop_task, runner.stop, consumer_task)
                 runtime.checks["consumer"] = _consumer_check(runner, consumer_task)
+            if verifies_tokens:
+                runtime.extras["verifier"] = await stack.enter_async_context(
+                    token_verification(settings)
+                )
             for worker in workers:
                 await stack.enter_async_context(worker(runtime))
             for name, make_check in (extra_checks or {}).items():

@@ -67,14 +67,28 @@ class BaseServiceSettings(BaseSettings):
 
     public_base_url: str = Field("http://127.0.0.1:8000", validation_alias="PUBLIC_BASE_URL")
 
+    # Tokens: auth signs them; every service verifies them locally against auth's JWKS.
+    auth_url: str = Field("http://127.0.0.1:8001", validation_alias="AUTH_URL")
+    jwt_issuer: str = Field("herald", validation_alias="JWT_ISSUER")
+    jwt_audience: str = Field("herald-api", validation_alias="JWT_AUDIENCE")
+    # Shared by the services for calls the gateway never forwards (`/internal/...`).
+    internal_token: SecretStr = Field(
+        SecretStr(DEVELOPMENT_SECRET_PREFIX + "internal-token"), validation_alias="INTERNAL_TOKEN"
+    )
+    # HMAC keys for links in mail (tracking, unsubscribe): "kid:secret,kid:secret", newest first.
+    link_signing_keys: SecretStr = Field(
+        SecretStr("dev:" + DEVELOPMENT_SECRET_PREFIX + "link-signing-key"),
+        validation_alias="LINK_SIGNING_KEYS",
+    )
+
     @property
     def db_schema(self) -> str:
         """The Postgres schema this service owns: its name."""
         return self.service_name
 
     def secret_fields(self) -> dict[str, SecretStr | None]:
-        """Secrets to vet in production; services add theirs by overriding."""
-        return {}
+        """Secrets to vet in production; services add theirs by extending this."""
+        return {"INTERNAL_TOKEN": self.internal_token, "LINK_SIGNING_KEYS": self.link_signing_keys}
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> BaseServiceSettings:
@@ -82,6 +96,6 @@ class BaseServiceSettings(BaseSettings):
             return self
         for name, secret in self.secret_fields().items():
             value = secret.get_secret_value() if secret is not None else ""
-            if not value or value.startswith(DEVELOPMENT_SECRET_PREFIX) or value == "changeme":
+            if not value or DEVELOPMENT_SECRET_PREFIX in value or value == "changeme":
                 raise ValueError(f"{name} must be set to a real secret when HERALD_ENV=production")
         return self

@@ -62,3 +62,10 @@ async def test_a_crashed_service_is_reported_and_recovers(
     await platform.start_service("contacts")
     await platform.wait_ready(60, ["contacts"])
     assert (await gateway.get("/readyz")).status_code == 200
+
+
+async def test_gateway_routes_public_paths_and_hides_internal_ones(gateway: httpx.AsyncClient):
+    jwks = (await gateway.get("/.well-known/jwks.json")).json()
+    assert jwks["keys"][0]["alg"] == "EdDSA"
+    assert (await gateway.get("/internal/anything")).status_code == 404
+    assert (await gateway.get("/contacts/internal/recipients")).status_code == 404

@@ -17,5 +17,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="The public API of Herald, an open-source email-sending platform.",
         router=router,
         uses_database=False,
-        workers=(upstreams_worker(settings.upstreams(), timeout=settings.upstream_timeout),),
+        workers=(
+            upstreams_worker(
+                settings.upstreams(),
+                timeout=settings.upstream_timeout,
+                api_key_cache_seconds=settings.api_key_cache_seconds,
+            ),
+        ),
     )

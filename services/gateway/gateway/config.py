@@ -19,6 +19,7 @@ class Settings(BaseServiceSettings):
     dispatcher_url: str = Field(_local("dispatcher"), validation_alias="DISPATCHER_URL")
     tracking_url: str = Field(_local("tracking"), validation_alias="TRACKING_URL")
     upstream_timeout: float = Field(10.0, gt=0, validation_alias="UPSTREAM_TIMEOUT")
+    api_key_cache_seconds: float = Field(5.0, ge=0, le=60, validation_alias="API_KEY_CACHE_SECONDS")
 
     def upstreams(self) -> dict[str, str]:
         """Each service behind the gateway and its base URL."""

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from gateway.api_keys import ApiKeyExchanger
 from herald.health import Check
+from herald.security import internal_headers
 from herald.service import Runtime, Worker
 
 
@@ -35,13 +37,21 @@ class Upstreams:
         return check
 
 
-def upstreams_worker(urls: dict[str, str], *, timeout: float) -> Worker:
+def upstreams_worker(
+    urls: dict[str, str], *, timeout: float, api_key_cache_seconds: float
+) -> Worker:
     """Opens the upstream client for the life of the gateway; the gateway is ready when all are."""
 
     @contextlib.asynccontextmanager
     async def worker(runtime: Runtime) -> AsyncIterator[None]:
         upstreams = Upstreams(urls, timeout=timeout)
         runtime.extras["upstreams"] = upstreams
+        runtime.extras["api_keys"] = ApiKeyExchanger(
+            client=upstreams.client,
+            auth_url=urls["auth"],
+            headers=internal_headers(runtime.settings),
+            max_age=api_key_cache_seconds,
+        )
         for service in urls:
             runtime.checks[service] = upstreams.readiness_check(service)
         try:

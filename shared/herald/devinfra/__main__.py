@@ -100,6 +100,9 @@ def _summary(stack: Stack, seconds: float) -> None:
     lines.append(f"  SMTP              {_redact(stack.smtp_url)}")
     if stack.sink is not None:
         lines.append(f"  mail sink (web)   {stack.sink_url}")
+    admin = stack.service_env("auth")["ADMIN_EMAIL"]
+    where = "ADMIN_PASSWORD" if os.environ.get("ADMIN_PASSWORD") else "secrets/admin_password"
+    lines.append(f"  administrator     {admin} (password: {where})")
     lines.append(f"  logs              {stack.logs_dir}")
     lines.append(f"  data              {cfg.data_dir}")
     lines.append("press Ctrl-C to stop")

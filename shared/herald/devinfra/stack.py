@@ -23,6 +23,7 @@ from herald import events, migrations
 from herald.devinfra.broker import EmbeddedBroker
 from herald.devinfra.postgres import EmbeddedPostgres
 from herald.devinfra.process import die_with_parent
+from herald.devinfra.secrets import development_secrets
 from herald.kafka import ensure_topics
 from herald.settings import SERVICE_PORTS, BaseServiceSettings
 
@@ -119,6 +120,7 @@ class Stack:
         self.database_url = config.database_url or ""
         self.kafka_bootstrap_servers = config.kafka_bootstrap_servers or ""
         self.smtp_url = config.smtp_url or ""
+        self.secrets: dict[str, str] = {}
 
     @property
     def logs_dir(self) -> Path:
@@ -135,6 +137,7 @@ class Stack:
         """Start what is not given by URL: PostgreSQL, the broker, the SMTP sink."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.secrets = development_secrets(cfg.data_dir / "secrets")
         if not cfg.database_url:
             self.postgres = EmbeddedPostgres(
                 cfg.data_dir / "pg", port=cfg.pg_port, durable=cfg.durable
@@ -186,7 +189,8 @@ class Stack:
         return sys.stdout if self.config.echo_logs else None
 
     def _base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+        env = {"ADMIN_EMAIL": "admin@herald.example", **self.secrets}
+        env.update({k: v for k, v in os.environ.items() if not k.startswith("PYTEST")})
         env.update(self.config.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env

@@ -72,7 +72,9 @@ async def infra(infra_urls: tuple[str | None, str | None]) -> AsyncIterator[Stac
         yield stack
     finally:
         await stack.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        # HERALD_KEEP_TEST_DATA=1 keeps the logs and data of a run for a post-mortem.
+        if os.environ.get("HERALD_KEEP_TEST_DATA") != "1":
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
