@@ -11,8 +11,8 @@ from herald.events._envelope import EventData, event
 @event
 class UserChanged(EventData):
     """The latest state of a user, published on every change (sign-up, verification, profile,
-    status, role, quota). Token verifiers honour `status` and `tokens_valid_after` at once; the
-    campaign service keeps the sender identity and quota from it."""
+    status, role, quota). Token verifiers refuse tokens issued before `tokens_valid_after` at
+    once; the campaign service keeps the sender identity and quota from it."""
 
     TYPE: ClassVar[str] = "user.changed"
     TOPIC: ClassVar[str] = "user.changed"
