@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy shared services tests
+	$(VENV)/bin/mypy shared services tests bench
 
 test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
