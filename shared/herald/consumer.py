@@ -63,6 +63,8 @@ class ConsumerRunner:
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self.running = False
+        # Messages not yet consumed, per topic, as of the last batch (for /internal/stats).
+        self.lag: dict[str, int] = {}
 
     def stop(self) -> None:
         """Finish and commit the batch under way, then return from `run`."""
@@ -118,14 +120,15 @@ class ConsumerRunner:
             log.info("offset commit lost to a rebalance", extra={"error": repr(exc)})
 
     async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
+        lag: dict[str, int] = {}
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             if highwater is None:
                 continue
-            position = await consumer.position(tp)
-            CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(
-                max(highwater - position, 0)
-            )
+            behind = max(highwater - await consumer.position(tp), 0)
+            CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(behind)
+            lag[tp.topic] = lag.get(tp.topic, 0) + behind
+        self.lag = lag
 
     async def _process(self, tp: TopicPartition, records: Sequence[ConsumerRecord]) -> bool:
         """Handle one partition's batch; False if stopped before its effects were durable."""

@@ -16,17 +16,17 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from herald import db, logs, migrations
+from herald import db, logs, migrations, outbox
 from herald.consumer import ConsumerRunner, Handlers
 from herald.errors import install_error_handlers
 from herald.health import Check, health_router
 from herald.kafka import broker_reachable, create_producer
 from herald.metrics import SERVICE_INFO, MetricsMiddleware
 from herald.outbox import OutboxRelay
-from herald.security import token_verification
+from herald.security import internal_caller, token_verification
 from herald.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class Runtime:
     checks: dict[str, Check] = field(default_factory=dict)
     # Service-specific resources opened by its workers (clients, caches), by name.
     extras: dict[str, object] = field(default_factory=dict)
+    # Figures a service adds to its /internal/stats (e.g. messages sent in the last minute).
+    stats: dict[str, Callable[[], Awaitable[object]]] = field(default_factory=dict)
 
     @property
     def db(self) -> asyncpg.Pool:
@@ -157,11 +159,40 @@ def create_service_app(
     app = FastAPI(title=title, description=description, version=settings.version, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(health_router(service=settings.service_name, version=settings.version))
+    app.include_router(stats_router(settings))
     if router is not None:
         app.include_router(router)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def stats_router(settings: BaseServiceSettings) -> APIRouter:
+    """`GET /internal/stats`: what administrators' system view needs from this service."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/internal/stats", dependencies=[Depends(internal_caller)])
+    async def stats(request: Request) -> dict[str, object]:
+        runtime: Runtime = request.app.state.runtime
+        body: dict[str, object] = {
+            "service": settings.service_name,
+            "version": settings.version,
+            "consumer_lag": {runner.group_id: dict(runner.lag) for runner in runtime.consumers},
+        }
+        if runtime.pool is not None:
+            async with runtime.pool.acquire() as conn:
+                body["outbox_backlog"] = await outbox.backlog(conn)
+                body["schema_bytes"] = await conn.fetchval(
+                    """SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                       WHERE n.nspname = $1 AND c.relkind IN ('r', 'm')""",
+                    settings.db_schema,
+                )
+        for name, provide in runtime.stats.items():
+            body[name] = await provide()
+        return body
+
+    return router
 
 
 def _need(producer: AIOKafkaProducer | None) -> AIOKafkaProducer:

@@ -69,3 +69,17 @@ async def test_gateway_routes_public_paths_and_hides_internal_ones(gateway: http
     assert jwks["keys"][0]["alg"] == "EdDSA"
     assert (await gateway.get("/internal/anything")).status_code == 404
     assert (await gateway.get("/contacts/internal/recipients")).status_code == 404
+
+
+async def test_every_service_reports_internal_stats_only_to_services(platform: Stack):
+    headers = {"X-Internal-Token": platform.secrets["INTERNAL_TOKEN"]}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for name in BACKEND_SERVICES:
+            assert (await client.get(f"{platform.url(name)}/internal/stats")).status_code == 403
+            stats = (
+                await client.get(f"{platform.url(name)}/internal/stats", headers=headers)
+            ).json()
+            assert stats["service"] == name
+            assert stats["outbox_backlog"] >= 0
+            assert stats["schema_bytes"] > 0
+            assert isinstance(stats["consumer_lag"], dict)
