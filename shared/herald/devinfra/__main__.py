@@ -7,6 +7,7 @@ SMTP_URL replace the embedded server with a real one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -75,7 +76,7 @@ async def run() -> int:
             return 130
         ready.result()
         _summary(stack, time.monotonic() - started)
-        await stopped
+        await _watch(stack, stop)
         return 0
     except Exception as exc:
         _say(f"failed: {exc}")
@@ -84,6 +85,18 @@ async def run() -> int:
         _say("stopping")
         await stack.stop()
         _say("stopped")
+
+
+async def _watch(stack: Stack, stop: asyncio.Event) -> None:
+    """Until Ctrl-C, say when a service process exits on its own (its log says why)."""
+    reported: set[str] = set()
+    while not stop.is_set():
+        for name, process in stack.services.items():
+            if not process.alive and name not in reported:
+                reported.add(name)
+                _say(f"{name} exited; see {process.log_path}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1)
 
 
 def _summary(stack: Stack, seconds: float) -> None:
