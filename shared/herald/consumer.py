@@ -65,6 +65,7 @@ class ConsumerRunner:
         self.running = False
         # Messages not yet consumed, per topic, as of the last batch (for /internal/stats).
         self.lag: dict[str, int] = {}
+        self._lag_labels: set[tuple[str, str]] = set()
 
     def stop(self) -> None:
         """Finish and commit the batch under way, then return from `run`."""
@@ -121,13 +122,19 @@ class ConsumerRunner:
 
     async def _record_lag(self, consumer: AIOKafkaConsumer) -> None:
         lag: dict[str, int] = {}
+        seen: set[tuple[str, str]] = set()
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             if highwater is None:
                 continue
             behind = max(highwater - await consumer.position(tp), 0)
             CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(behind)
+            seen.add((tp.topic, str(tp.partition)))
             lag[tp.topic] = lag.get(tp.topic, 0) + behind
+        for topic, partition in self._lag_labels - seen:
+            # A partition given up in a rebalance is another member's to report now.
+            CONSUMER_LAG.remove(self.group_id, topic, partition)
+        self._lag_labels = seen
         self.lag = lag
 
     async def _process(self, tp: TopicPartition, records: Sequence[ConsumerRecord]) -> bool:

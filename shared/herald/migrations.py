@@ -70,7 +70,11 @@ def load(namespace: str, directory: Path) -> list[Migration]:
 
 def migrations_for(service: str) -> list[Migration]:
     """Everything a service's schema needs: the shared tables first, then its own."""
-    return load("herald", SHARED_MIGRATIONS) + load(service, service_migrations_dir(service))
+    directory = service_migrations_dir(service)
+    if not directory.is_dir():
+        # An install that left the SQL behind must not "succeed" with only the shared tables.
+        raise MigrationError(f"no migrations directory for {service} at {directory}")
+    return load("herald", SHARED_MIGRATIONS) + load(service, directory)
 
 
 async def _applied(conn: Conn, schema: str) -> dict[tuple[str, int], str]:

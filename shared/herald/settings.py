@@ -32,7 +32,13 @@ class BaseServiceSettings(BaseSettings):
     """Configuration common to every Herald service; each service extends it."""
 
     model_config = SettingsConfigDict(
-        env_file=None, extra="ignore", frozen=True, populate_by_name=True
+        env_file=None,
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        # Only the documented names (the aliases) are read from the environment; field names
+        # (`port`, `service_name`) would collide with variables platforms set (PORT, ...).
+        env_prefix="HERALD_UNUSED_",
     )
 
     service_name: str = "herald"
