@@ -9,14 +9,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from herald.events._envelope import EventData, event
 
 
 @event
 class SendRequested(EventData):
-    """Send one email now or at `send_at`; `idempotency_key` makes a repeat a no-op."""
+    """Send one email now or at `send_at`; `idempotency_key` makes a repeat a no-op (per account).
+
+    Published as a Herald envelope of type `email.requested`, or by other systems as a bare JSON
+    object with these fields (`api_key` then names the account). `to` is one address or a list;
+    `send_at` is ISO 8601 (without a zone: the account's timezone); `template_vars` are available
+    to the subject, HTML and text templates. An invalid request goes to `email.requests.dlq`.
+    """
 
     TYPE: ClassVar[str] = "email.requested"
     TOPIC: ClassVar[str] = "email.requests"
@@ -35,6 +41,11 @@ class SendRequested(EventData):
     tags: list[str] = Field(default_factory=list)
     # System mails (sign-up confirmation, reset) are sent even to unknown or suppressed contacts.
     system: bool = False
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _one_address_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     def partition_key(self) -> str:
         return self.idempotency_key

@@ -11,6 +11,10 @@ from herald.events._envelope import EventData, event
 
 @event
 class EmailOpened(EventData):
+    """A recipient's mail client fetched the tracking pixel; `machine` when a privacy proxy or
+    scanner fetched it (`reason` says which rule). `recipient` is empty in the rare case the
+    open was written before the delivery outcome that names the address."""
+
     TYPE: ClassVar[str] = "email.opened"
     TOPIC: ClassVar[str] = "email.opened"
 
@@ -20,6 +24,8 @@ class EmailOpened(EventData):
     at: datetime
     machine: bool = False
     user_agent: str | None = None
+    reason: str | None = None
+    contact_id: uuid.UUID | None = None
 
     def partition_key(self) -> str:
         return str(self.email_id)
@@ -27,6 +33,9 @@ class EmailOpened(EventData):
 
 @event
 class EmailClicked(EventData):
+    """A recipient followed the link at `link_index` to `url`; `machine` when a link scanner
+    did (`reason` says which rule). `recipient` as in `email.opened`."""
+
     TYPE: ClassVar[str] = "email.clicked"
     TOPIC: ClassVar[str] = "email.clicked"
 
@@ -38,6 +47,8 @@ class EmailClicked(EventData):
     at: datetime
     machine: bool = False
     user_agent: str | None = None
+    reason: str | None = None
+    contact_id: uuid.UUID | None = None
 
     def partition_key(self) -> str:
         return str(self.email_id)
@@ -64,6 +75,9 @@ class EmailBounced(EventData):
 
 @event
 class EmailComplained(EventData):
+    """A recipient reported the message as spam (a provider's feedback loop); the contacts
+    service suppresses the address."""
+
     TYPE: ClassVar[str] = "email.complained"
     TOPIC: ClassVar[str] = "email.complained"
 
