@@ -1,0 +1,225 @@
+"""CSV import and deep paging of the contacts service, on this machine, in one run.
+
+Import: a CSV of `--rows` contacts is uploaded through the gateway and imported; the baseline
+is a bare `COPY ... FROM STDIN (FORMAT csv)` of the same file into a plain table of the same
+PostgreSQL, measured in the same run. The service's peak memory (RSS) is sampled throughout.
+
+Paging: `GET /contacts?limit=50` through the gateway, page one against the page at 90% depth
+(depth 900,000 of 1,000,000 at the default size), sequential requests, p50 and p99.
+
+    .venv/bin/python bench/contacts_import.py [--rows 1000000] [--requests 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import orjson
+import psutil
+
+from auth.tokens import SigningKey, issue_access_token
+from contacts.domain import encode_cursor
+from herald.devinfra.process import free_port
+from herald.devinfra.stack import SERVICES, Stack, StackConfig
+
+DOMAINS = [f"mail{i}.example.com" for i in range(300)] + ["gmail.com", "outlook.com"]
+PLANS = ["free", "pro", "team", "enterprise"]
+
+
+def write_csv(path: Path, rows: int) -> None:
+    """A realistic file: a few hundred domains, names, two attribute columns."""
+    rng = random.Random(7)
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write("email,first_name,last_name,plan,city\r\n")
+        for i in range(rows):
+            domain = rng.choice(DOMAINS)
+            out.write(
+                f"user.{i}@{domain},First{i % 5000},Last{i % 7919},{PLANS[i % 4]},City{i % 97}\r\n"
+            )
+
+
+async def bare_copy(database_url: str, path: Path) -> float:
+    """Seconds for a bare COPY of the file into a plain table (the baseline)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DROP TABLE IF EXISTS public.bench_bare_copy")
+        await conn.execute(
+            """CREATE TABLE public.bench_bare_copy (email text, first_name text, last_name text,
+                                                   plan text, city text)"""
+        )
+        started = time.perf_counter()
+        await conn.copy_to_table(
+            "bench_bare_copy", source=path, schema_name="public", format="csv", header=True
+        )
+        elapsed = time.perf_counter() - started
+        await conn.execute("DROP TABLE public.bench_bare_copy")
+        return elapsed
+    finally:
+        await conn.close()
+
+
+async def sample_memory(pid: int, stop: asyncio.Event) -> int:
+    """The highest RSS of process `pid` until `stop`, sampled every 50 ms."""
+    process = psutil.Process(pid)
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, process.memory_info().rss)
+        await asyncio.sleep(0.05)
+    return peak
+
+
+async def run_import(
+    client: httpx.AsyncClient, headers: dict[str, str], path: Path
+) -> tuple[float, float, dict[str, object]]:
+    """(seconds to upload and get 202, seconds until the job finished, the job)."""
+    started = time.perf_counter()
+    with path.open("rb") as file:
+        response = await client.post(
+            "/contacts/import", headers=headers, files={"file": ("bench.csv", file, "text/csv")}
+        )
+    response.raise_for_status()
+    accepted = time.perf_counter() - started
+    job_id = response.json()["job_id"]
+    while True:
+        job = (await client.get(f"/contacts/import/{job_id}", headers=headers)).json()
+        if job["status"] in ("succeeded", "failed"):
+            return accepted, time.perf_counter() - started, job
+        await asyncio.sleep(0.1)
+
+
+async def page_latencies(
+    client: httpx.AsyncClient, headers: dict[str, str], cursor: str | None, requests: int
+) -> list[float]:
+    params = {"limit": "50", **({"cursor": cursor} if cursor else {})}
+    latencies = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        response = await client.get("/contacts", params=params, headers=headers)
+        latencies.append(time.perf_counter() - started)
+        response.raise_for_status()
+        assert len(response.json()["items"]) == 50
+    return latencies
+
+
+async def cursor_at(database_url: str, account_id: uuid.UUID, depth: int) -> str:
+    """The cursor that starts a page after the first `depth` contacts of the account."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        last = await conn.fetchval(
+            """SELECT id FROM contacts.contacts WHERE account_id = $1
+                ORDER BY id OFFSET $2 LIMIT 1""",
+            account_id,
+            depth - 1,
+        )
+    finally:
+        await conn.close()
+    return encode_cursor(last)
+
+
+def import_phases(log: Path) -> str:
+    """What the service logged about the job: seconds staging (read, check, COPY) and upserting."""
+    for line in reversed(log.read_text().splitlines()):
+        if '"import applied"' in line:
+            fields = orjson.loads(line)
+            return (
+                f"{fields['stage_seconds']} s read+check+COPY, {fields['upsert_seconds']} s upsert"
+            )
+    return "phases not logged"
+
+
+def ms(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000
+
+
+async def main(rows: int, requests: int) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="herald-bench-"))
+    data_dir.chmod(0o755)
+    stack = Stack(
+        StackConfig(
+            data_dir=data_dir,
+            service_ports={s: free_port() for s in SERVICES},
+            pg_port=free_port(),
+            broker_port=free_port(),
+            sink_smtp_port=free_port(),
+            sink_http_port=free_port(),
+            durable=False,
+            env={"LOG_LEVEL": "INFO", "CONTACTS_IMPORT_DIR": str(data_dir / "imports")},
+        )
+    )
+    csv_path = data_dir / "contacts.csv"
+    try:
+        await stack.start_infrastructure()
+        await asyncio.gather(stack.create_topics(), stack.migrate())
+        for name in ("auth", "contacts", "gateway"):
+            await stack.start_service(name)
+        await stack.wait_ready(90, ["auth", "contacts"])
+        await asyncio.to_thread(write_csv, csv_path, rows)
+        size_mb = csv_path.stat().st_size / 1e6
+        bare = await bare_copy(stack.database_url, csv_path)
+
+        account = uuid.uuid4()
+        key = SigningKey.from_pem(stack.secrets["JWT_PRIVATE_KEY"])
+        token = issue_access_token(
+            key,
+            user_id=account,
+            role="user",
+            issuer="herald",
+            audience="herald-api",
+            ttl_seconds=3600,
+        ).token
+        headers = {"Authorization": f"Bearer {token}"}
+        contacts = stack.services["contacts"].process
+        assert contacts is not None
+        rss_before = psutil.Process(contacts.pid).memory_info().rss
+        async with httpx.AsyncClient(base_url=stack.url("gateway"), timeout=600) as client:
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(sample_memory(contacts.pid, stop))
+            accepted, total, job = await run_import(client, headers, csv_path)
+            stop.set()
+            peak = await sampler
+            if job["status"] != "succeeded":
+                raise SystemExit(f"import failed: {job}")
+            depth = rows * 9 // 10
+            deep_cursor = await cursor_at(stack.database_url, account, depth)
+            await page_latencies(client, headers, None, 20)  # warm up
+            first = await page_latencies(client, headers, None, requests)
+            deep = await page_latencies(client, headers, deep_cursor, requests)
+        phases = import_phases(stack.logs_dir / "contacts.log")
+    finally:
+        await stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    print(f"file: {rows:,} rows, {size_mb:.0f} MB")
+    print(f"bare COPY (baseline): {bare:.2f} s, {rows / bare:,.0f} rows/s")
+    print(
+        f"import through the gateway: {total:.2f} s ({accepted:.2f} s upload and checks,"
+        f" {total - accepted:.2f} s job: {phases}), {rows / total:,.0f} rows/s;"
+        f" created {job['created']:,}, skipped {job['skipped']:,};"
+        f" ratio to bare COPY {bare / total:.2f}"
+    )
+    print(
+        f"contacts service RSS: {rss_before / 2**20:.0f} MiB before,"
+        f" peak {peak / 2**20:.0f} MiB during the import"
+    )
+    print(
+        f"GET /contacts limit=50 ({requests} sequential requests): page one p50"
+        f" {ms(first, 50):.1f} ms p99 {ms(first, 99):.1f} ms; at depth {depth:,} p50"
+        f" {ms(deep, 50):.1f} ms p99 {ms(deep, 99):.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=300)
+    options = parser.parse_args()
+    asyncio.run(main(options.rows, options.requests))
