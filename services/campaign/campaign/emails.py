@@ -1,0 +1,537 @@
+"""What the campaign service does with emails: compose, edit, send, schedule, cancel, preview.
+
+The API and the `email.requests` consumer both come here. Handing an email over for sending is
+one transaction: the status change, the quota check (under a per-account lock) and the
+`email.scheduled` event in the outbox commit together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from campaign import domain, store
+from campaign.clients import ContactsClient, Refused, Unavailable
+from campaign.config import Settings
+from campaign.metrics import EMAILS_COMPOSED, EMAILS_QUEUED, QUOTA_REFUSALS
+from campaign.schemas import ComposeRequest, PatchRequest, Preview, SendRequest
+from campaign.templates import TemplateProblem, compile_email, render_context
+from herald import outbox
+from herald.db import Conn
+from herald.errors import ApiError, not_found
+from herald.events import Envelope
+from herald.events.campaign import Audience, EmailCancelled, EmailContent, EmailScheduled
+from herald.events.requests import SendRequested
+from herald.links import LinkSigner, UnsubscribeToken
+
+Via = Literal["send", "schedule", "request", "test"]
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """What the email operations need: the pool, the contacts service and the settings."""
+
+    pool: asyncpg.Pool
+    contacts: ContactsClient
+    settings: Settings
+    links: LinkSigner
+
+
+def policy(settings: Settings) -> domain.SenderPolicy:
+    return domain.SenderPolicy(
+        require_verified=settings.require_verified_sender,
+        allowed_domains=settings.sender_domains,
+    )
+
+
+def _sender(row: asyncpg.Record | None) -> domain.Sender | None:
+    return domain.Sender(**dict(row)) if row is not None else None
+
+
+def _unavailable(exc: Exception) -> ApiError:
+    return ApiError(503, "unavailable", f"the contacts service is unavailable: {exc}")
+
+
+async def compose(
+    app: Campaign, *, account_id: uuid.UUID, request: ComposeRequest
+) -> asyncpg.Record:
+    """Validate and store a new draft."""
+    content = domain.prepare_content(request.subject, request.html, request.text)
+    to = domain.addresses(request.to, "to")
+    async with app.pool.acquire() as conn:
+        sender = _sender(await store.get_sender(conn, account_id=account_id))
+        from_email = (
+            domain.check_from(request.from_email, sender, policy(app.settings))
+            if request.from_email is not None
+            else None
+        )
+        row = await store.insert_email(
+            conn,
+            email_id=uuid.uuid4(),
+            account_id=account_id,
+            kind="campaign",
+            subject=content.subject,
+            html=content.html,
+            text=content.text,
+            text_derived=content.text_derived,
+            from_name=request.from_name,
+            from_email=from_email,
+            reply_to=request.reply_to,
+            list_ids=request.list_ids,
+            contact_ids=request.contact_ids,
+            to=to,
+            tags=request.tags,
+            template_vars=request.template_vars,
+        )
+    assert row is not None  # no idempotency key, so no conflict
+    EMAILS_COMPOSED.inc()
+    return row
+
+
+async def get(app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID) -> asyncpg.Record:
+    """One of the account's emails, or 404."""
+    async with app.pool.acquire() as conn:
+        row = await store.get_email(conn, account_id=account_id, email_id=email_id)
+    if row is None:
+        raise not_found("email")
+    return row
+
+
+async def list_page(
+    app: Campaign, *, account_id: uuid.UUID, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[asyncpg.Record], str | None]:
+    """A page of the account's emails, newest first, and the cursor of the next page."""
+    before = domain.decode_cursor(cursor) if cursor else None
+    async with app.pool.acquire() as conn:
+        rows = await store.list_emails(
+            conn, account_id=account_id, status=status, limit=limit + 1, before=before
+        )
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = domain.encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
+    return rows, next_cursor
+
+
+async def update(
+    app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID, request: PatchRequest
+) -> asyncpg.Record:
+    """Change a draft (409 once it was handed over)."""
+    given = request.model_fields_set
+    for required in ("subject", "list_ids", "contact_ids", "to", "tags", "template_vars"):
+        if required in given and getattr(request, required) is None:
+            raise domain.invalid(required, "may not be null")
+    async with app.pool.acquire() as conn, conn.transaction():
+        row = await store.get_email(conn, account_id=account_id, email_id=email_id, lock=True)
+        if row is None:
+            raise not_found("email")
+        if row["status"] not in domain.EDITABLE:
+            raise domain.conflict(f"only drafts can be changed; this email is {row['status']}")
+        merged: dict[str, Any] = {
+            "subject": row["subject"],
+            "html": row["html"],
+            "text": None if row["text_derived"] else row["text"],
+            "from_name": row["from_name"],
+            "from_email": row["from_email"],
+            "reply_to": row["reply_to"],
+            "list_ids": row["list_ids"],
+            "contact_ids": row["contact_ids"],
+            "to": row["to_addresses"],
+            "tags": row["tags"],
+            "template_vars": row["template_vars"],
+        }
+        merged.update({name: getattr(request, name) for name in given})
+        content = domain.prepare_content(merged["subject"], merged["html"], merged["text"])
+        sender = _sender(await store.get_sender(conn, account_id=account_id))
+        if "from_email" in given and merged["from_email"] is not None:
+            merged["from_email"] = domain.check_from(
+                merged["from_email"], sender, policy(app.settings)
+            )
+        return await store.update_draft(
+            conn,
+            email_id=email_id,
+            subject=content.subject,
+            html=content.html,
+            text=content.text,
+            text_derived=content.text_derived,
+            from_name=merged["from_name"],
+            from_email=merged["from_email"],
+            reply_to=merged["reply_to"],
+            list_ids=merged["list_ids"],
+            contact_ids=merged["contact_ids"],
+            to=domain.addresses(merged["to"], "to"),
+            tags=merged["tags"],
+            template_vars=merged["template_vars"],
+        )
+
+
+async def delete(app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID) -> None:
+    """Delete a draft (409 once it was handed over)."""
+    async with app.pool.acquire() as conn:
+        if await store.delete_draft(conn, account_id=account_id, email_id=email_id):
+            return
+        row = await store.get_email(conn, account_id=account_id, email_id=email_id)
+    if row is None:
+        raise not_found("email")
+    raise domain.conflict(f"only drafts can be deleted; this email is {row['status']}")
+
+
+async def _audience_size(app: Campaign, *, account_id: uuid.UUID, email: asyncpg.Record) -> int:
+    """Recipients the email would go to now, counted only as far as a quota needs."""
+    async with app.pool.acquire() as conn:
+        sender = _sender(await store.get_sender(conn, account_id=account_id))
+    to = email["to_addresses"]
+    if sender is None or sender.daily_send_quota is None or email["kind"] == "system":
+        return len(to)
+    try:
+        counted = await app.contacts.count(
+            account_id=account_id,
+            list_ids=email["list_ids"],
+            contact_ids=email["contact_ids"],
+            exclude={a.lower() for a in to},
+            stop_after=sender.daily_send_quota,
+        )
+    except (Unavailable, Refused) as exc:
+        raise _unavailable(exc) from None
+    return len(to) + counted
+
+
+async def queue(
+    conn: Conn,
+    *,
+    settings: Settings,
+    email: asyncpg.Record,
+    send_at: datetime | None,
+    audience_size: int,
+    via: Via,
+) -> asyncpg.Record:
+    """Hand a locked email over: now (`queued`) or at `send_at` (`scheduled`)."""
+    if email["status"] not in domain.SENDABLE:
+        raise domain.conflict(f"this email is {email['status']}: it cannot be sent again")
+    account_id: uuid.UUID = email["account_id"]
+    kind: str = email["kind"]
+    if not (email["list_ids"] or email["contact_ids"] or email["to_addresses"]):
+        raise domain.invalid("to", "the email has no recipients: give list_ids, contact_ids or to")
+    sender = _sender(await store.get_sender(conn, account_id=account_id))
+    if kind == "system":
+        identity = domain.Identity(
+            from_email=email["from_email"] or settings.system_from_email,
+            from_name=email["from_name"],
+            reply_to=email["reply_to"],
+        )
+    else:
+        identity = domain.resolve_identity(
+            from_email=email["from_email"],
+            from_name=email["from_name"],
+            reply_to=email["reply_to"],
+            sender=sender,
+            policy=policy(settings),
+        )
+    now = datetime.now(UTC)
+    when = send_at or now
+    timezone = sender.timezone if sender else None
+    day = domain.quota_day(when, timezone)
+    quota = sender.daily_send_quota if sender is not None and kind != "system" else None
+    if quota is not None:
+        await store.lock_account_quota(conn, account_id=account_id)
+        # A rescheduled email gives back what it had reserved before it is counted again.
+        used = await store.quota_used(conn, account_id=account_id, day=day)
+        if email["quota_day"] == day and email["status"] == "scheduled":
+            used -= email["reserved"]
+        try:
+            domain.check_quota(quota=quota, used=used, needed=audience_size)
+        except ApiError:
+            QUOTA_REFUSALS.inc()
+            raise
+    row = await store.mark_queued(
+        conn,
+        email_id=email["id"],
+        status="scheduled" if send_at is not None else "queued",
+        send_at=when,
+        from_email=identity.from_email,
+        from_name=identity.from_name,
+        reply_to=identity.reply_to,
+        day=day,
+        reserved=audience_size,
+    )
+    scheduled = EmailScheduled(
+        email_id=row["id"],
+        revision=row["revision"],
+        send_at=when,
+        kind="transactional" if kind == "test" else kind,
+        content=EmailContent(
+            subject=row["subject"],
+            html=row["html"],
+            text=row["text"],
+            from_name=row["from_name"],
+            from_email=row["from_email"],
+            reply_to=row["reply_to"],
+            track_opens=kind != "system",
+            track_clicks=kind != "system",
+            tags=row["tags"],
+        ),
+        audience=Audience(
+            list_ids=row["list_ids"], contact_ids=row["contact_ids"], to=row["to_addresses"]
+        ),
+        template_vars=row["template_vars"],
+    )
+    await outbox.write(conn, Envelope.wrap(scheduled, account_id=account_id))
+    EMAILS_QUEUED.labels(kind, via).inc()
+    return row
+
+
+async def _hand_over(
+    app: Campaign,
+    *,
+    account_id: uuid.UUID,
+    email_id: uuid.UUID,
+    send_at: datetime | None,
+    via: Via,
+) -> asyncpg.Record:
+    email = await get(app, account_id=account_id, email_id=email_id)
+    if email["status"] not in domain.SENDABLE:
+        raise domain.conflict(f"this email is {email['status']}: it cannot be sent again")
+    size = await _audience_size(app, account_id=account_id, email=email)
+    async with app.pool.acquire() as conn, conn.transaction():
+        locked = await store.get_email(conn, account_id=account_id, email_id=email_id, lock=True)
+        if locked is None:
+            raise not_found("email")
+        return await queue(
+            conn, settings=app.settings, email=locked, send_at=send_at, audience_size=size, via=via
+        )
+
+
+async def send(app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID) -> asyncpg.Record:
+    """Send a draft (or a scheduled email) now."""
+    return await _hand_over(app, account_id=account_id, email_id=email_id, send_at=None, via="send")
+
+
+async def send_inline(
+    app: Campaign, *, account_id: uuid.UUID, request: SendRequest
+) -> asyncpg.Record:
+    """Create and send a transactional email in one step; a repeated idempotency key sends
+    nothing more and answers with the email it created first."""
+    assert request.to is not None
+    assert request.subject is not None
+    content = domain.prepare_content(request.subject, request.html, request.text)
+    to = domain.addresses(request.to, "to")
+    async with app.pool.acquire() as conn, conn.transaction():
+        if request.idempotency_key is not None:
+            earlier = await store.email_by_idempotency_key(
+                conn, account_id=account_id, idempotency_key=request.idempotency_key
+            )
+            if earlier is not None:
+                return earlier
+        email = await store.insert_email(
+            conn,
+            email_id=uuid.uuid4(),
+            account_id=account_id,
+            kind="transactional",
+            subject=content.subject,
+            html=content.html,
+            text=content.text,
+            text_derived=content.text_derived,
+            from_name=request.from_name,
+            from_email=request.from_email,
+            reply_to=request.reply_to,
+            list_ids=[],
+            contact_ids=[],
+            to=to,
+            tags=request.tags,
+            template_vars=request.template_vars,
+            idempotency_key=request.idempotency_key,
+        )
+        if email is None:
+            # A concurrent request with the same key committed first (the insert waited for it).
+            earlier = await store.email_by_idempotency_key(
+                conn, account_id=account_id, idempotency_key=request.idempotency_key or ""
+            )
+            if earlier is None:
+                raise domain.conflict("a request with this idempotency_key is being processed")
+            return earlier
+        return await queue(
+            conn,
+            settings=app.settings,
+            email=email,
+            send_at=None,
+            audience_size=len(to),
+            via="send",
+        )
+
+
+async def schedule(
+    app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID, send_at: datetime
+) -> asyncpg.Record:
+    """Send the email at `send_at`; an email already scheduled is moved."""
+    await get(app, account_id=account_id, email_id=email_id)
+    async with app.pool.acquire() as conn:
+        sender = _sender(await store.get_sender(conn, account_id=account_id))
+    when = domain.resolve_send_at(
+        send_at, timezone=sender.timezone if sender else None, now=datetime.now(UTC)
+    )
+    return await _hand_over(
+        app, account_id=account_id, email_id=email_id, send_at=when, via="schedule"
+    )
+
+
+async def cancel(app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID) -> asyncpg.Record:
+    """Take back a scheduled (or not yet started) email."""
+    async with app.pool.acquire() as conn, conn.transaction():
+        email = await store.get_email(conn, account_id=account_id, email_id=email_id, lock=True)
+        if email is None:
+            raise not_found("email")
+        if email["status"] not in domain.CANCELLABLE:
+            raise domain.conflict(f"this email is {email['status']}: it can no longer be cancelled")
+        row = await store.mark_cancelled(conn, email_id=email_id)
+        cancelled = EmailCancelled(email_id=email_id, revision=row["revision"])
+        await outbox.write(conn, Envelope.wrap(cancelled, account_id=account_id))
+        return row
+
+
+def unsubscribe_url(
+    settings: Settings, links: LinkSigner, *, account_id: uuid.UUID, email: str, email_id: uuid.UUID
+) -> str:
+    """The signed one-click unsubscribe link of a recipient (as the dispatcher makes it)."""
+    token = links.sign("unsubscribe", UnsubscribeToken(a=account_id, r=email, e=email_id))
+    return f"{settings.public_base_url.rstrip('/')}/unsubscribe/{token}"
+
+
+async def preview(
+    app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID, contact_id: uuid.UUID | None
+) -> Preview:
+    """The email rendered for one contact of the account (or a sample recipient)."""
+    email = await get(app, account_id=account_id, email_id=email_id)
+    if contact_id is not None:
+        try:
+            contact = await app.contacts.contact(account_id=account_id, contact_id=contact_id)
+        except (Unavailable, Refused) as exc:
+            raise _unavailable(exc) from None
+        if contact is None:
+            raise ApiError(
+                404, "not_found", "contact not found (or not active)", field="contact_id"
+            )
+        address, first, last, attributes = (
+            contact.email,
+            contact.first_name,
+            contact.last_name,
+            contact.attributes,
+        )
+    else:
+        async with app.pool.acquire() as conn:
+            sender = await store.get_sender(conn, account_id=account_id)
+        if email["to_addresses"]:
+            address = email["to_addresses"][0]
+        else:
+            address = sender["email"] if sender else "recipient@example.com"
+        first, last, attributes = None, None, {}
+    context = render_context(
+        email=address,
+        first_name=first,
+        last_name=last,
+        attributes=attributes,
+        unsubscribe_url=unsubscribe_url(
+            app.settings, app.links, account_id=account_id, email=address, email_id=email_id
+        ),
+        template_vars=email["template_vars"],
+    )
+    try:
+        subject, html, text = compile_email(email["subject"], email["html"], email["text"]).render(
+            context
+        )
+    except TemplateProblem as problem:
+        raise ApiError(
+            422,
+            "template_error",
+            f"the template cannot be rendered: {problem}",
+            field=problem.part,
+        ) from None
+    return Preview(subject=subject, html=html, text=text, to=address)
+
+
+async def send_test(
+    app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID, to: str
+) -> asyncpg.Record:
+    """Send one copy of the email to `to`, marked as a test; the email itself is unchanged."""
+    address = domain.address(to, "to")
+    async with app.pool.acquire() as conn, conn.transaction():
+        email = await store.get_email(conn, account_id=account_id, email_id=email_id)
+        if email is None:
+            raise not_found("email")
+        copy = await store.insert_email(
+            conn,
+            email_id=uuid.uuid4(),
+            account_id=account_id,
+            kind="test",
+            subject=f"[Test] {email['subject']}",
+            html=email["html"],
+            text=email["text"],
+            text_derived=email["text_derived"],
+            from_name=email["from_name"],
+            from_email=email["from_email"],
+            reply_to=email["reply_to"],
+            list_ids=[],
+            contact_ids=[],
+            to=[address],
+            tags=email["tags"],
+            template_vars=email["template_vars"],
+            test_of=email_id,
+        )
+        assert copy is not None
+        return await queue(
+            conn, settings=app.settings, email=copy, send_at=None, audience_size=1, via="test"
+        )
+
+
+async def accept_request(
+    conn: Conn, *, settings: Settings, account_id: uuid.UUID, request: SendRequested
+) -> asyncpg.Record | None:
+    """Turn a send request into a queued (or scheduled) email; None if its idempotency key was
+    seen before. Raises ApiError saying what is wrong with it."""
+    earlier = await store.email_by_idempotency_key(
+        conn, account_id=account_id, idempotency_key=request.idempotency_key
+    )
+    if earlier is not None:
+        return None
+    content = domain.prepare_content(request.subject, request.html, request.text)
+    strict = not request.system
+    to = domain.addresses(request.to, "to", strict=strict)
+    from_email, reply_to = (
+        domain.address(value, name, strict=strict) if value else None
+        for name, value in (("from_email", request.from_email), ("reply_to", request.reply_to))
+    )
+    send_at = None
+    if request.send_at is not None:
+        sender = _sender(await store.get_sender(conn, account_id=account_id))
+        aware = request.send_at
+        if aware.tzinfo is None:
+            aware = aware.replace(tzinfo=domain.zone(sender.timezone if sender else None))
+        # A request that waited in the topic past its time is sent at once, not refused.
+        send_at = aware if aware > datetime.now(UTC) else None
+    email = await store.insert_email(
+        conn,
+        email_id=uuid.uuid4(),
+        account_id=account_id,
+        kind="system" if request.system else "transactional",
+        subject=content.subject,
+        html=content.html,
+        text=content.text,
+        text_derived=content.text_derived,
+        from_name=request.from_name,
+        from_email=from_email,
+        reply_to=reply_to,
+        list_ids=[],
+        contact_ids=[],
+        to=to,
+        tags=request.tags,
+        template_vars=request.template_vars,
+        idempotency_key=request.idempotency_key,
+    )
+    if email is None:
+        return None
+    return await queue(
+        conn, settings=settings, email=email, send_at=send_at, audience_size=len(to), via="request"
+    )
