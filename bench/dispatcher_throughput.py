@@ -1,0 +1,420 @@
+"""Dispatcher throughput into Postfix's smtp-sink, against a bare aiosmtplib loop, in one run.
+
+(a) bare: one prebuilt message sent again and again with aiosmtplib over N connections, the
+    ceiling of a Python process talking SMTP (no rendering, no database, no events);
+(b) dispatcher: DispatchBatch events for R recipients published on Kafka, consumed by the
+    dispatcher process(es), each message rendered, tracked, signed and handed to smtp-sink over
+    N connections per process, timed until every message record says `sent` (which follows the
+    relay's 250). The dispatcher's CPU time per message is read from the OS.
+(c) the whole platform: POST /send of an email composed for an R-contact list (imported as
+    CSV), through gateway, campaign, contacts, scheduler, Kafka and dispatcher, timed the same
+    way; reported as not measured when another service is missing or fails.
+
+Postfix's `smtp-sink` is installed with the `postfix` package (as root on Debian/Ubuntu, this
+script installs it). The database is durable (fsync on) unless --fast-db is given.
+
+    .venv/bin/python bench/dispatcher_throughput.py [--recipients 20000] [--connections 32]
+        [--dispatchers 1] [--fast-db]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+import asyncpg
+import psutil
+from aiokafka import AIOKafkaProducer
+
+from dispatcher.message import EmailPlan, Options, Recipient
+from dispatcher.tokens import TokenMint
+from herald.devinfra.process import free_port
+from herald.devinfra.stack import SERVICES, ServiceProcess, Stack, StackConfig
+from herald.events import Envelope
+from herald.events.campaign import EmailContent
+from herald.events.scheduler import DispatchBatch
+from herald.events.scheduler import Recipient as BatchRecipient
+
+BATCH = 500
+CONTENT = EmailContent(
+    subject="{{ contact.first_name | default('Friend') }}, the spring issue is out",
+    text=(
+        "Hello {{ contact.first_name | default('there') }},\n\n"
+        + "This is a paragraph of the newsletter that says something worth reading.\n" * 12
+        + "\nRead online: https://example.com/issues/42\n"
+        "Unsubscribe: {{ unsubscribe_url }}\n"
+    ),
+    html=(
+        "<!doctype html><html><head><meta charset='utf-8'><title>Spring</title></head><body>"
+        "<h1>Hello {{ contact.first_name | default('there') }}</h1>"
+        + "".join(
+            f"<p>Paragraph {i}: something worth reading, with "
+            f'<a href="https://example.com/articles/{i}?utm_source=herald&amp;utm_medium=email">'
+            f"a link</a> to more.</p>\n"
+            for i in range(8)
+        )
+        + '<p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p></body></html>'
+    ),
+    from_name="Herald Bench",
+    from_email="bench@herald.example",
+)
+
+
+def find_smtp_sink() -> str:
+    """The smtp-sink binary, installing Postfix when we may; exits with advice when we cannot."""
+    for candidate in (shutil.which("smtp-sink"), "/usr/sbin/smtp-sink"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing postfix for its smtp-sink (apt-get install -y postfix)...", flush=True)
+        env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "postfix"], env=env, check=False)
+        if os.access("/usr/sbin/smtp-sink", os.X_OK):
+            return "/usr/sbin/smtp-sink"
+    sys.exit(
+        "Postfix's smtp-sink is needed as the relay. Install it with\n"
+        "    sudo apt-get install postfix      (Debian, Ubuntu)\n"
+        "    sudo dnf install postfix          (Fedora, RHEL)\n"
+        "    brew install postfix              (macOS)\n"
+        "and run this again."
+    )
+
+
+def start_smtp_sink(binary: str, port: int) -> subprocess.Popen[bytes]:
+    command = [binary]
+    if os.geteuid() == 0:
+        command += ["-u", "nobody"]  # smtp-sink refuses to run as root
+    process = subprocess.Popen(
+        [*command, f"127.0.0.1:{port}", "1024"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        time.sleep(0.05)
+    process.kill()
+    sys.exit("smtp-sink did not start")
+
+
+def sample_message() -> tuple[bytes, str, str]:
+    """A message as the dispatcher builds them, for the bare loop to send prebuilt."""
+    plan = EmailPlan(
+        email_id=uuid.uuid4(),
+        account_id=uuid.uuid4(),
+        kind="campaign",
+        content=CONTENT,
+        template_vars={},
+        options=Options(public_base_url="http://127.0.0.1:8000"),
+        mint=TokenMint("bench:bench-secret"),
+    )
+    built = plan.build(Recipient(uuid.uuid4(), "someone@bench.example", "Some", "One"))
+    return built.data, built.sender.address, built.recipient.address
+
+
+@dataclass
+class Result:
+    messages: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+async def bare_loop(port: int, connections: int, count: int) -> Result:
+    data, sender, recipient = sample_message()
+    left = count
+
+    async def worker() -> None:
+        nonlocal left
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=port, start_tls=False, local_hostname="bench"
+        )
+        await client.connect()
+        while left > 0:
+            left -= 1
+            await client.sendmail(sender, [recipient], data)
+        await client.quit()
+
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return Result(count, time.perf_counter() - started, time.process_time() - cpu)
+
+
+def batches(email_id: uuid.UUID, count: int, tag: str) -> list[DispatchBatch]:
+    return [
+        DispatchBatch(
+            email_id=email_id,
+            batch_no=n,
+            kind="campaign",
+            content=CONTENT,
+            recipients=[
+                BatchRecipient(
+                    email=f"{tag}-{i}@bench.example",
+                    contact_id=uuid.uuid4(),
+                    first_name=f"Reader{i}",
+                    attributes={"plan": "free"},
+                )
+                for i in range(start, min(start + BATCH, count))
+            ],
+        )
+        for n, start in enumerate(range(0, count, BATCH))
+    ]
+
+
+async def publish(stack: Stack, events: list[DispatchBatch]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=stack.kafka_bootstrap_servers, linger_ms=5, max_batch_size=1 << 20
+    )
+    await producer.start()
+    try:
+        account_id = uuid.uuid4()
+        futures = [
+            await producer.send(
+                DispatchBatch.TOPIC,
+                Envelope.wrap(event, account_id=account_id).to_bytes(),
+                key=event.partition_key().encode(),
+            )
+            for event in events
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def wait_sent(stack: Stack, email_id: uuid.UUID, count: int, timeout: float) -> None:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            sent = await conn.fetchval(
+                "SELECT count(*) FROM dispatcher.messages WHERE email_id = $1 AND state = 'sent'",
+                email_id,
+            )
+            if sent >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {sent} of {count} sent")
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+def cpu_of(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+async def dispatcher_path(stack: Stack, count: int, dispatchers: int) -> Result:
+    extra = []
+    for n in range(1, dispatchers):
+        port = free_port()
+        env = stack.service_env("dispatcher") | {"DISPATCHER_PORT": str(port)}
+        name = f"dispatcher-{n + 1}"
+        replica = ServiceProcess("dispatcher", env, stack.logs_dir / f"{name}.log", None)
+        await replica.start()
+        stack.config.service_ports[name] = port
+        stack.services[name] = replica
+        extra.append(name)
+    await stack.wait_ready(90, ["dispatcher", *extra])
+    pids = [
+        stack.services[name].process.pid  # type: ignore[union-attr]
+        for name in ["dispatcher", *extra]
+    ]
+    processes = [psutil.Process(pid) for pid in pids]
+
+    # Warm up: consumer group joined, connections open, code paths taken once.
+    warm = uuid.uuid4()
+    await publish(stack, batches(warm, 1000, "warm"))
+    await wait_sent(stack, warm, 1000, 120)
+
+    email_id = uuid.uuid4()
+    events = batches(email_id, count, "bench")
+    cpu, started = cpu_of(processes), time.perf_counter()
+    await publish(stack, events)
+    await wait_sent(stack, email_id, count, 600)
+    return Result(count, time.perf_counter() - started, cpu_of(processes) - cpu)
+
+
+async def full_path(stack: Stack, count: int) -> Result:
+    """POST /send of a composed email to a `count`-contact list, through the gateway."""
+    import httpx
+
+    from auth.tokens import SigningKey, issue_access_token
+    from herald.events.auth import UserChanged
+
+    # The gateway is ready only when every service it routes to is.
+    others = [name for name in SERVICES if name not in stack.services]
+    for name in others:
+        await stack.start_service(name)
+    await stack.wait_ready(180, others)
+    user_id = uuid.uuid4()
+    sender = f"sender-{user_id.hex[:8]}@herald.example"
+    token = issue_access_token(
+        SigningKey.from_pem(stack.secrets["JWT_PRIVATE_KEY"]),
+        user_id=user_id,
+        role="user",
+        scope="full",
+        issuer="herald",
+        audience="herald-api",
+        ttl_seconds=3600,
+    ).token
+    # As auth announces a verified user, so that campaign accepts the sender.
+    change = UserChanged(
+        user_id=user_id,
+        email=sender,
+        email_verified=True,
+        status="active",
+        role="user",
+        timezone="UTC",
+        daily_send_quota=None,
+        default_sender_name="Bench",
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            change.TOPIC,
+            Envelope.wrap(change, account_id=user_id).to_bytes(),
+            key=change.partition_key().encode(),
+        )
+    finally:
+        await producer.stop()
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=stack.url("gateway"), headers=headers, timeout=60) as api:
+        list_id = (await api.post("/lists", json={"name": "bench"})).raise_for_status().json()["id"]
+        rows = "".join(f"full-{i}@bench.example,Reader{i}\n" for i in range(count))
+        job = (
+            (
+                await api.post(
+                    "/contacts/import",
+                    data={"list_id": list_id},
+                    files={"file": ("bench.csv", "email,first_name\n" + rows, "text/csv")},
+                )
+            )
+            .raise_for_status()
+            .json()["job_id"]
+        )
+        for _ in range(1200):
+            status = (await api.get(f"/contacts/import/{job}")).json()["status"]
+            if status in ("succeeded", "failed"):
+                break
+            await asyncio.sleep(0.5)
+        if status != "succeeded":
+            raise RuntimeError("the contact import failed")
+        composed = {**CONTENT.model_dump(exclude={"track_opens", "track_clicks", "tags"})}
+        composed |= {"from_email": sender, "list_ids": [list_id]}
+        deadline = time.monotonic() + 60
+        while (response := await api.post("/compose", json=composed)).status_code != 201:
+            if time.monotonic() > deadline:  # campaign may not have taken the user in yet
+                raise RuntimeError(f"compose answered {response.status_code}: {response.text}")
+            await asyncio.sleep(0.5)
+        email_id = uuid.UUID(response.json()["id"])
+        processes = {
+            name: psutil.Process(service.process.pid)
+            for name, service in stack.services.items()
+            if service.process is not None
+        }
+        before = {name: cpu_of([p]) for name, p in processes.items()}
+        started = time.perf_counter()
+        (await api.post("/send", json={"email_id": str(email_id)})).raise_for_status()
+        await wait_sent(stack, email_id, count, 900)
+    seconds = time.perf_counter() - started
+    spent = {name: cpu_of([p]) - before[name] for name, p in processes.items()}
+    print(
+        "(c) CPU seconds by service: "
+        + ", ".join(f"{name} {value:.1f}" for name, value in sorted(spent.items()))
+    )
+    return Result(count, seconds, sum(v for k, v in spent.items() if k.startswith("dispatcher")))
+
+
+async def main(recipients: int, connections: int, dispatchers: int, fast_db: bool) -> None:
+    binary = find_smtp_sink()
+    sink_port = free_port()
+    sink = start_smtp_sink(binary, sink_port)
+    data_dir = Path(tempfile.mkdtemp(prefix="herald-bench-"))
+    data_dir.chmod(0o755)
+    stack = Stack(
+        StackConfig(
+            data_dir=data_dir,
+            service_ports={s: free_port() for s in SERVICES},
+            smtp_url=f"smtp://127.0.0.1:{sink_port}",
+            pg_port=free_port(),
+            broker_port=free_port(),
+            durable=not fast_db,
+            env={
+                "LOG_LEVEL": "WARNING",
+                "DISPATCHER_CONCURRENCY": str(connections),
+                "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            },
+        )
+    )
+    try:
+        await stack.start_infrastructure()
+        await asyncio.gather(stack.create_topics(), stack.migrate())
+        bare = await bare_loop(sink_port, connections, recipients)
+        await stack.start_service("dispatcher")
+        ours = await dispatcher_path(stack, recipients, dispatchers)
+        full: Result | str
+        try:
+            full = await full_path(stack, recipients)
+        except Exception as exc:
+            full = f"not measured ({type(exc).__name__}: {exc})"
+    finally:
+        await stack.stop()
+        sink.terminate()
+        sink.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    print(f"relay: Postfix smtp-sink; {os.cpu_count()} cores; database durable: {not fast_db}")
+    print(
+        f"(a) bare aiosmtplib loop, prebuilt bytes, {connections} connections: "
+        f"{bare.rate:.0f} messages/s ({bare.cpu_seconds / bare.messages * 1e6:.0f} us CPU each)"
+    )
+    print(
+        f"(b) DispatchBatch on Kafka -> {dispatchers} dispatcher process(es) x {connections} "
+        f"connections -> smtp-sink, {recipients} recipients: {ours.rate:.0f} messages/s "
+        f"({ours.seconds:.1f} s)"
+    )
+    print(f"ratio (b)/(a): {ours.rate / bare.rate:.2f}")
+    print(
+        f"dispatcher CPU: {ours.cpu_seconds / ours.messages * 1e6:.0f} us per message "
+        f"({ours.cpu_seconds:.1f} s in all, consuming, rendering, SMTP, recording, publishing)"
+    )
+    if isinstance(full, Result):
+        print(
+            f"(c) POST /send to a {recipients}-contact list through gateway, campaign, contacts, "
+            f"scheduler, Kafka, dispatcher -> smtp-sink: {full.rate:.0f} messages/s "
+            f"({full.seconds:.1f} s); ratio (c)/(a): {full.rate / bare.rate:.2f}; dispatcher CPU "
+            f"{full.cpu_seconds / full.messages * 1e6:.0f} us per message"
+        )
+    else:
+        print(f"(c) the full path through the gateway: {full}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipients", type=int, default=20000)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--dispatchers", type=int, default=1)
+    parser.add_argument("--fast-db", action="store_true", help="PostgreSQL without fsync")
+    options = parser.parse_args()
+    asyncio.run(main(options.recipients, options.connections, options.dispatchers, options.fast_db))
