@@ -1,19 +1,129 @@
 """Builds the tracking service's app: its routes, event handlers and workers."""
 
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
 from fastapi import FastAPI
 
-from herald.service import create_service_app
+from herald.links import LinkSigner
+from herald.service import Runtime, Worker, create_service_app
+from tracking import flows, store
 from tracking.api import router
+from tracking.buffer import ActivityBuffer, Flusher
 from tracking.config import Settings
-from tracking.handlers import HANDLERS
+from tracking.handlers import bind
+from tracking.hotpath import OPENAPI_PATHS, HotPath, TrackingLinks
+from tracking.machine import BurstDetector, Classifier, parse_networks
+from tracking.metrics import BUFFERED
+from tracking.signatures import SnsVerifier, load_sendgrid_key
+from tracking.webhooks import Webhooks
+
+
+def rules_from(settings: Settings) -> flows.Rules:
+    """The machine-activity rules the settings describe."""
+    return flows.Rules(
+        classifier=Classifier(parse_networks(settings.mpp_networks)),
+        scanner_click_seconds=settings.scanner_click_seconds,
+    )
+
+
+def _hot_path(settings: Settings, rules: flows.Rules) -> Worker:
+    """The pixel and click endpoints' buffer and the worker that flushes it."""
+
+    @contextlib.asynccontextmanager
+    async def worker(runtime: Runtime) -> AsyncIterator[None]:
+        buffer = ActivityBuffer(
+            capacity=settings.buffer_max, hold=settings.burst_seconds, batch=settings.flush_batch
+        )
+        detector = BurstDetector(links=settings.burst_links, seconds=settings.burst_seconds)
+        runtime.extras["hotpath"] = HotPath(
+            signer=LinkSigner.from_spec(settings.link_signing_keys.get_secret_value()),
+            classifier=rules.classifier,
+            buffer=buffer,
+            detector=detector,
+            forwarded_hops=settings.forwarded_hops,
+            full_wait=settings.buffer_full_wait_seconds,
+        )
+        flusher = Flusher(
+            pool=runtime.db,
+            buffer=buffer,
+            detector=detector,
+            rules=rules,
+            interval=settings.flush_interval_seconds,
+        )
+        task = runtime.start_task(flusher.run(), "activity-flusher")
+
+        async def alive() -> bool:
+            return not task.done()
+
+        async def backlog() -> dict[str, int]:
+            async with runtime.db.acquire() as conn:
+                queued = await store.queued_deltas(conn)
+            return {"buffered_events": len(buffer), "queued_rollup_changes": queued}
+
+        runtime.checks["activity_flusher"] = alive
+        runtime.stats["tracking"] = backlog
+        try:
+            yield
+        finally:
+            flusher.stop()
+            with contextlib.suppress(Exception):
+                await task
+            # Graceful shutdown: everything answered is written before the pool closes.
+            await flusher.drain(grace=10)
+            BUFFERED.set(len(buffer))
+
+    return worker
+
+
+def _webhooks(settings: Settings, rules: flows.Rules) -> Worker:
+    """The SNS verifier (with its HTTP client) and the SendGrid key."""
+
+    @contextlib.asynccontextmanager
+    async def worker(runtime: Runtime) -> AsyncIterator[None]:
+        verify: ssl.SSLContext | bool = True
+        if settings.sns_ca_file:
+            verify = ssl.create_default_context(cafile=settings.sns_ca_file)
+        sendgrid_key = None
+        if settings.sendgrid_public_key is not None:
+            sendgrid_key = load_sendgrid_key(settings.sendgrid_public_key.get_secret_value())
+        topics = frozenset(t.strip() for t in settings.ses_topic_arns.split(",") if t.strip())
+        async with httpx.AsyncClient(verify=verify, timeout=10) as http:
+            runtime.extras["webhooks"] = Webhooks(
+                pool=runtime.db,
+                sns=SnsVerifier(http=http, host_pattern=settings.sns_cert_hosts, topics=topics),
+                sendgrid_key=sendgrid_key,
+                rules=rules,
+            )
+            yield
+
+    return worker
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The tracking service's ASGI app."""
-    return create_service_app(
-        settings or Settings(),
+    settings = settings or Settings()
+    rules = rules_from(settings)
+    app = create_service_app(
+        settings,
         title="Herald tracking",
         description="Delivery status, opens, clicks, bounces, complaints and reports.",
         router=router,
-        handlers=HANDLERS,
+        handlers=bind(rules) if settings.run_consumers else None,
+        workers=(_webhooks(settings, rules), _hot_path(settings, rules)),
     )
+    app.add_middleware(TrackingLinks)
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            base_openapi()["paths"].update(OPENAPI_PATHS)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,378 @@
+"""What each input does to the stored state: outcomes, provider notifications, opens and clicks.
+
+Every function runs inside the caller's transaction. Roll-up changes are collected in a
+`Rollup`: the flush worker applies its own at once, consumers and webhooks queue theirs in
+`rollup_deltas` for it, so the roll-ups have a single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from herald import outbox
+from herald.db import Conn
+from herald.events import Envelope, EventData
+from herald.events.contacts import ContactSuppressed
+from herald.events.dispatcher import MessageDispatched
+from herald.events.tracking import EmailBounced, EmailClicked, EmailComplained, EmailOpened
+from tracking import store
+from tracking.domain import (
+    Activity,
+    LinkState,
+    Recipient,
+    Rollup,
+    message_keys,
+    normalize_address,
+    normalize_message_id,
+    record_bounce,
+    record_click,
+    record_complaint,
+    record_confirmation,
+    record_open,
+    record_outcome,
+)
+from tracking.machine import Classifier, soon_after_delivery
+from tracking.metrics import SKIPPED
+from tracking.providers import ProviderEvent, link_key
+
+log = logging.getLogger(__name__)
+
+# Provider opens and clicks get ids derived from the provider's event id, so a repeat is one.
+_PROVIDER_ACTIVITY = uuid.UUID("5b0e5a52-61c4-4d7e-9f57-1d7b3c1f0a11")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The machine-activity rules that need more than the request (see tracking.machine)."""
+
+    classifier: Classifier
+    scanner_click_seconds: float
+
+
+async def apply_activity(
+    conn: Conn, events: Sequence[Activity], rollup: Rollup, *, rules: Rules
+) -> list[Activity]:
+    """Record opens and clicks and publish them; returns those new (a repeat id is skipped),
+    with their final machine flag."""
+    if not events:
+        return []
+    await store.ensure_emails(conn, emails=[(e.email_id, e.account_id) for e in events])
+    recipients = await store.lock_recipients(conn, message_ids=[e.message_id for e in events])
+    missing = [
+        (e.message_id, e.email_id, e.account_id) for e in events if e.message_id not in recipients
+    ]
+    if missing:
+        # Opens that came before the delivery outcome named their recipient.
+        await store.ensure_recipients(conn, rows=missing)
+        recipients |= await store.lock_recipients(conn, message_ids=[m for m, _, _ in missing])
+    links = await store.lock_links(
+        conn,
+        keys=[(e.message_id, e.link_index) for e in events if e.link_index is not None],
+    )
+    judged = []
+    for event in sorted(events, key=lambda e: e.at):
+        r = recipients[event.message_id]
+        if (
+            event.kind == "click"
+            and event.reason is None
+            and soon_after_delivery(event.at, r.sent_at, rules.scanner_click_seconds)
+        ):
+            event = replace(event, reason="soon_after_delivery")
+        judged.append(event)
+    new = await store.insert_activity(conn, events=judged)
+    recorded = [e for e in judged if e.id in new]
+    envelopes: list[Envelope[EventData]] = []
+    touched: dict[tuple[str, int], LinkState] = {}
+    for n, event in enumerate(recorded, start=1):
+        if n % 250 == 0:
+            # A big batch is CPU work: let the pixel and click requests in between.
+            await asyncio.sleep(0)
+        r = recipients[event.message_id]
+        data: EventData
+        if event.kind == "open":
+            record_open(r, rollup, at=event.at, machine=event.machine)
+            data = EmailOpened(
+                email_id=r.email_id,
+                message_id=r.message_id,
+                recipient=r.recipient or "",
+                contact_id=r.contact_id,
+                at=event.at,
+                machine=event.machine,
+                reason=event.reason,
+                user_agent=event.user_agent,
+            )
+        else:
+            assert event.link_index is not None
+            assert event.url is not None
+            key = (event.message_id, event.link_index)
+            link = touched[key] = links.setdefault(key, LinkState())
+            record_click(
+                r,
+                link,
+                rollup,
+                at=event.at,
+                machine=event.machine,
+                link_index=event.link_index,
+                url=event.url,
+            )
+            data = EmailClicked(
+                email_id=r.email_id,
+                message_id=r.message_id,
+                recipient=r.recipient or "",
+                contact_id=r.contact_id,
+                url=event.url,
+                link_index=event.link_index,
+                at=event.at,
+                machine=event.machine,
+                reason=event.reason,
+                user_agent=event.user_agent,
+            )
+        envelopes.append(_envelope(data, r.account_id))
+    changed = {e.message_id for e in recorded}
+    await store.save_engagement(conn, recipients=[recipients[m] for m in sorted(changed)])
+    await store.save_links(conn, links=touched)
+    await outbox.write_many(conn, envelopes)
+    return recorded
+
+
+# Built for every open and click: the parametrised envelope classes are looked up once, and our
+# own freshly made events are not validated a second time.
+_ENVELOPES: dict[type[EventData], type[Envelope[Any]]] = {
+    EmailOpened: Envelope[EmailOpened],
+    EmailClicked: Envelope[EmailClicked],
+}
+
+
+def _envelope(data: EventData, account_id: uuid.UUID) -> Envelope[Any]:
+    return _ENVELOPES[type(data)].model_construct(
+        id=uuid.uuid4(),
+        type=data.TYPE,
+        version=data.VERSION,
+        occurred_at=datetime.now(UTC),
+        account_id=account_id,
+        correlation_id=None,
+        data=data,
+    )
+
+
+async def record_dispatch(
+    conn: Conn,
+    *,
+    account_id: uuid.UUID,
+    data: MessageDispatched,
+    at: datetime,
+    rules: Rules,
+) -> None:
+    """The relay's answer for one recipient (sent, deferred or failed)."""
+    message_id = normalize_message_id(data.message_id)
+    address = normalize_address(data.recipient)
+    await store.ensure_emails(conn, emails=[(data.email_id, account_id)])
+    if await store.email_account(conn, email_id=data.email_id) != account_id:
+        SKIPPED.labels(MessageDispatched.TYPE, "account_mismatch").inc()
+        log.warning("outcome for another account's email ignored", extra={"email": data.email_id})
+        return
+    rows = await store.lock_for_outcome(
+        conn, message_id=message_id, email_id=data.email_id, recipient=address
+    )
+    named = next((r for r in rows if r.recipient == address), None)
+    if named is not None and named.message_id != message_id:
+        # Tokens in the mail name the first Message-ID; keep counting under it.
+        log.warning(
+            "recipient's Message-ID changed between attempts",
+            extra={"email": data.email_id, "message_id": message_id},
+        )
+    r = named or next((r for r in rows if r.message_id == message_id), None)
+    if r is None:
+        r = Recipient(message_id=message_id, email_id=data.email_id, account_id=account_id)
+    newly_named = r.recipient is None
+    r.recipient = address
+    r.contact_id = data.contact_id or r.contact_id
+    rollup = Rollup()
+    changed = record_outcome(
+        r,
+        rollup,
+        status=data.status,
+        attempt=data.attempt,
+        at=at,
+        smtp_code=data.smtp_code,
+        smtp_reply=data.smtp_reply[:1000] if data.smtp_reply else None,
+    )
+    if changed and data.status == "sent":
+        await store.mark_first_sent(conn, email_id=data.email_id, at=at)
+    await store.save_recipients(conn, recipients=[r])
+    if newly_named:
+        # Notifications that arrived before this outcome was known apply now.
+        for event in await store.unmatched_provider_events(conn, message_id=r.message_id):
+            await apply_provider_event(conn, r.message_id, event, rollup, rules=rules)
+    await store.queue_deltas(conn, deltas=rollup.deltas)
+
+
+async def record_provider_events(
+    conn: Conn, events: Sequence[ProviderEvent], *, rules: Rules
+) -> Counter[str]:
+    """Apply a webhook's notifications; counts them by outcome (matched, unmatched, duplicate)."""
+    outcomes: Counter[str] = Counter()
+    rollup = Rollup()
+    for event in events:
+        if not await store.insert_provider_event(conn, event=event):
+            outcomes["duplicate"] += 1
+            continue
+        message_id = event.message_id
+        if message_id is None and event.provider_message_id is not None:
+            message_id = await store.message_for_provider_id(
+                conn, provider=event.provider, provider_message_id=event.provider_message_id
+            )
+        if message_id is None or not await apply_provider_event(
+            conn, message_id, event, rollup, rules=rules
+        ):
+            # Kept unmatched (under the id we found, if any) until that message is known.
+            if message_id is not None and event.message_id is None:
+                await store.name_provider_event(
+                    conn, provider=event.provider, event_id=event.event_id, message_id=message_id
+                )
+            outcomes["unmatched"] += 1
+            continue
+        outcomes["matched"] += 1
+    await store.queue_deltas(conn, deltas=rollup.deltas)
+    return outcomes
+
+
+async def apply_provider_event(
+    conn: Conn, message_id: str, event: ProviderEvent, rollup: Rollup, *, rules: Rules
+) -> bool:
+    """Apply one notification to its message; False when the message is unknown."""
+    keys = message_keys(message_id)
+    found = await store.lock_recipients(conn, message_ids=keys)
+    r = next((found[k] for k in keys if k in found), None)
+    if r is None:
+        return False
+    message_id = r.message_id
+    await store.mark_provider_event(
+        conn, provider=event.provider, event_id=event.event_id, message_id=message_id
+    )
+    if event.kind in ("open", "click"):
+        activity = await _provider_activity(conn, r, event, rules)
+        if activity is not None:
+            await apply_activity(conn, [activity], rollup, rules=rules)
+        return True
+    envelope: Envelope[EventData] | None = None
+    address = r.recipient or event.recipient or ""
+    if event.kind == "delivered":
+        record_confirmation(r, rollup, at=event.at)
+    elif event.kind == "bounce" or (event.kind == "dropped" and event.hard):
+        if record_bounce(r, rollup, hard=event.hard, at=event.at, detail=event.detail):
+            envelope = Envelope.wrap(
+                EmailBounced(
+                    email_id=r.email_id,
+                    message_id=r.message_id,
+                    recipient=address,
+                    contact_id=r.contact_id,
+                    hard=event.hard,
+                    source=event.provider,
+                    detail=event.detail,
+                ),
+                account_id=r.account_id,
+            )
+    elif event.kind == "complaint":
+        if record_complaint(r, rollup, at=event.at):
+            envelope = Envelope.wrap(
+                EmailComplained(
+                    email_id=r.email_id,
+                    message_id=r.message_id,
+                    recipient=address,
+                    contact_id=r.contact_id,
+                    source=event.provider,
+                    detail=event.detail,
+                ),
+                account_id=r.account_id,
+            )
+    elif event.kind in ("deferred", "dropped") and r.provider_status in (None, "deferred"):
+        r.provider_status = event.kind
+    await store.save_recipients(conn, recipients=[r])
+    if envelope is not None:
+        await outbox.write(conn, envelope)
+    return True
+
+
+async def _provider_activity(
+    conn: Conn, r: Recipient, event: ProviderEvent, rules: Rules
+) -> Activity | None:
+    """A provider's open or click as ours, when Herald did not track that itself (else it
+    would be counted twice: Herald's own pixel and links are the record)."""
+    choices = await store.tracking_choices(conn, email_ids=[r.email_id])
+    track_opens, track_clicks = choices.get(r.email_id, (True, True))
+    if event.kind == "open":
+        if track_opens:
+            return None
+        reason = "apple_mpp" if event.machine else None
+        reason = reason or rules.classifier.open_reason(event.user_agent, event.ip)
+        link_index, url = None, None
+    else:
+        if track_clicks or event.url is None:
+            return None
+        reason = rules.classifier.click_reason(event.user_agent)
+        link_index, url = link_key(event.url), event.url
+    return Activity(
+        id=uuid.uuid5(_PROVIDER_ACTIVITY, f"{event.provider}:{event.event_id}"),
+        kind="open" if event.kind == "open" else "click",
+        source=event.provider,
+        message_id=r.message_id,
+        email_id=r.email_id,
+        account_id=r.account_id,
+        at=event.at,
+        reason=reason,
+        user_agent=event.user_agent,
+        ip=event.ip,
+        link_index=link_index,
+        url=url,
+    )
+
+
+async def record_reported_bounce(
+    conn: Conn, *, account_id: uuid.UUID | None, data: EmailBounced, at: datetime
+) -> None:
+    """A bounce another service reported (the dispatcher's SMTP 5xx); counted, not republished."""
+    r: Recipient | None = None
+    if data.message_id:
+        keys = message_keys(normalize_message_id(data.message_id))
+        found = await store.lock_recipients(conn, message_ids=keys)
+        r = next((found[k] for k in keys if k in found), None)
+    if r is None and data.email_id is not None:
+        r = await store.find_recipient(
+            conn, email_id=data.email_id, recipient=normalize_address(data.recipient)
+        )
+    if r is None or (account_id is not None and r.account_id != account_id):
+        SKIPPED.labels(EmailBounced.TYPE, "unknown_message").inc()
+        return
+    rollup = Rollup()
+    if record_bounce(r, rollup, hard=data.hard, at=at, detail=data.detail):
+        await store.save_recipients(conn, recipients=[r])
+        await store.queue_deltas(conn, deltas=rollup.deltas)
+
+
+async def record_unsubscribe(
+    conn: Conn, *, account_id: uuid.UUID | None, data: ContactSuppressed, at: datetime
+) -> None:
+    """Count an unsubscribe that came from an email, once per (email, address)."""
+    if data.reason != "unsubscribed" or data.email_id is None or account_id is None:
+        return
+    await store.ensure_emails(conn, emails=[(data.email_id, account_id)])
+    if await store.email_account(conn, email_id=data.email_id) != account_id:
+        SKIPPED.labels(ContactSuppressed.TYPE, "account_mismatch").inc()
+        return
+    address = normalize_address(data.email)
+    if not await store.insert_unsubscribe(
+        conn, email_id=data.email_id, address=address, account_id=account_id, at=at
+    ):
+        return
+    await store.mark_unsubscribed(conn, email_id=data.email_id, address=address, at=at)
+    rollup = Rollup()
+    rollup.add("all", data.email_id, account_id, at, unsubscribed=1)
+    await store.queue_deltas(conn, deltas=rollup.deltas)

@@ -1,0 +1,822 @@
+"""All SQL of the tracking service."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from herald.db import Conn
+from tracking.domain import (
+    COUNTERS,
+    LINK_COUNTERS,
+    RECIPIENT_COLUMNS,
+    Activity,
+    Delta,
+    LinkState,
+    Recipient,
+    Split,
+    Tables,
+)
+from tracking.providers import ProviderEvent
+
+# Column lists below are constants of ours interpolated into SQL, never input.
+_COUNTERS = ", ".join(COUNTERS)
+_SUMS = ", ".join(f"sum({c})::bigint AS {c}" for c in COUNTERS)
+_LINK_COUNTERS = ", ".join(LINK_COUNTERS)
+_LINK_SUMS = ", ".join(f"sum({c})::bigint AS {c}" for c in LINK_COUNTERS)
+
+_RECIPIENT_TYPES = {
+    "message_id": "text",
+    "email_id": "uuid",
+    "account_id": "uuid",
+    "recipient": "text",
+    "contact_id": "uuid",
+    "status": "text",
+    "attempts": "int",
+    "smtp_code": "int",
+    "smtp_reply": "text",
+    "sent_at": "timestamptz",
+    "confirmed_at": "timestamptz",
+    "provider_status": "text",
+    "bounce": "text",
+    "bounced_at": "timestamptz",
+    "bounce_detail": "text",
+    "complained_at": "timestamptz",
+    "unsubscribed_at": "timestamptz",
+    "opens": "int",
+    "human_opens": "int",
+    "first_open_at": "timestamptz",
+    "first_human_open_at": "timestamptz",
+    "clicks": "int",
+    "human_clicks": "int",
+    "first_click_at": "timestamptz",
+    "first_human_click_at": "timestamptz",
+}
+assert tuple(_RECIPIENT_TYPES) == RECIPIENT_COLUMNS, "recipient columns out of step with domain"
+_RCOLS = ", ".join(RECIPIENT_COLUMNS)
+_RARRAYS = ", ".join(f"${n}::{t}[]" for n, t in enumerate(_RECIPIENT_TYPES.values(), start=1))
+_RUPDATES = ", ".join(f"{c} = excluded.{c}" for c in RECIPIENT_COLUMNS if c != "message_id")
+
+
+# Emails.
+
+
+async def ensure_emails(conn: Conn, *, emails: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> None:
+    """Give each (email id, account id) a row; the account first named keeps the email."""
+    if not emails:
+        return
+    ordered = sorted(set(emails))
+    await conn.execute(
+        """INSERT INTO emails (email_id, account_id)
+           SELECT * FROM unnest($1::uuid[], $2::uuid[]) ON CONFLICT (email_id) DO NOTHING""",
+        [e for e, _ in ordered],
+        [a for _, a in ordered],
+    )
+
+
+async def put_email_details(
+    conn: Conn,
+    *,
+    email_id: uuid.UUID,
+    account_id: uuid.UUID,
+    subject: str,
+    kind: str,
+    tags: Sequence[str],
+    track_opens: bool,
+    track_clicks: bool,
+) -> None:
+    """Record what the campaign service scheduled (subject, kind, tags, tracking choices)."""
+    await conn.execute(
+        """INSERT INTO emails (email_id, account_id, subject, kind, tags, track_opens,
+                               track_clicks)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
+           ON CONFLICT (email_id) DO UPDATE
+           SET subject = excluded.subject, kind = excluded.kind, tags = excluded.tags,
+               track_opens = excluded.track_opens, track_clicks = excluded.track_clicks
+           WHERE emails.account_id = excluded.account_id""",
+        email_id,
+        account_id,
+        subject,
+        kind,
+        list(tags),
+        track_opens,
+        track_clicks,
+    )
+
+
+async def put_fanout(
+    conn: Conn, *, email_id: uuid.UUID, account_id: uuid.UUID, total: int, revision: int
+) -> None:
+    """Record how many recipients the latest fan-out of the email handed out."""
+    await conn.execute(
+        """INSERT INTO emails (email_id, account_id, total_recipients, fanout_revision)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (email_id) DO UPDATE
+           SET total_recipients = excluded.total_recipients,
+               fanout_revision = excluded.fanout_revision
+           WHERE emails.account_id = excluded.account_id
+             AND (emails.fanout_revision IS NULL
+                  OR emails.fanout_revision <= excluded.fanout_revision)""",
+        email_id,
+        account_id,
+        total,
+        revision,
+    )
+
+
+async def mark_first_sent(conn: Conn, *, email_id: uuid.UUID, at: datetime) -> None:
+    """Remember when the email's first message was accepted by the relay."""
+    await conn.execute(
+        "UPDATE emails SET first_sent_at = LEAST(first_sent_at, $2) WHERE email_id = $1",
+        email_id,
+        at,
+    )
+
+
+async def email_account(conn: Conn, *, email_id: uuid.UUID) -> uuid.UUID | None:
+    """The account that owns the email, if it is known."""
+    account: uuid.UUID | None = await conn.fetchval(
+        "SELECT account_id FROM emails WHERE email_id = $1", email_id
+    )
+    return account
+
+
+async def tracking_choices(
+    conn: Conn, *, email_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[bool, bool]]:
+    """Per email: whether Herald tracked (opens, clicks) itself."""
+    rows = await conn.fetch(
+        "SELECT email_id, track_opens, track_clicks FROM emails WHERE email_id = ANY($1::uuid[])",
+        list(email_ids),
+    )
+    return {r["email_id"]: (r["track_opens"], r["track_clicks"]) for r in rows}
+
+
+# Recipients.
+
+
+async def ensure_recipients(
+    conn: Conn, *, rows: Sequence[tuple[str, uuid.UUID, uuid.UUID]]
+) -> None:
+    """Give each (message id, email id, account id) a row, not yet naming its recipient."""
+    if not rows:
+        return
+    ordered = sorted(set(rows))
+    await conn.execute(
+        """INSERT INTO recipients (message_id, email_id, account_id)
+           SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[])
+           ON CONFLICT (message_id) DO NOTHING""",
+        [r[0] for r in ordered],
+        [r[1] for r in ordered],
+        [r[2] for r in ordered],
+    )
+
+
+async def lock_recipients(conn: Conn, *, message_ids: Sequence[str]) -> dict[str, Recipient]:
+    """The rows of these messages, locked until the transaction ends."""
+    rows = await conn.fetch(
+        f"""SELECT {_RCOLS} FROM recipients WHERE message_id = ANY($1::text[])
+            ORDER BY message_id FOR UPDATE""",
+        sorted(set(message_ids)),
+    )
+    return {r["message_id"]: Recipient.from_row(r) for r in rows}
+
+
+async def lock_for_outcome(
+    conn: Conn, *, message_id: str, email_id: uuid.UUID, recipient: str
+) -> list[Recipient]:
+    """The row of this message, and the row of this email's recipient if that is another."""
+    rows = await conn.fetch(
+        f"""SELECT {_RCOLS} FROM recipients
+            WHERE message_id = $1 OR (email_id = $2 AND recipient = $3)
+            ORDER BY message_id FOR UPDATE""",
+        message_id,
+        email_id,
+        recipient,
+    )
+    return [Recipient.from_row(r) for r in rows]
+
+
+async def find_recipient(conn: Conn, *, email_id: uuid.UUID, recipient: str) -> Recipient | None:
+    """The row of an email's recipient by address, locked."""
+    row = await conn.fetchrow(
+        f"""SELECT {_RCOLS} FROM recipients WHERE email_id = $1 AND recipient = $2
+            FOR UPDATE""",
+        email_id,
+        recipient,
+    )
+    return Recipient.from_row(row) if row is not None else None
+
+
+async def save_recipients(conn: Conn, *, recipients: Sequence[Recipient]) -> None:
+    """Write these rows as they are now (insert or replace)."""
+    if not recipients:
+        return
+    ordered = sorted(recipients, key=lambda r: r.message_id)
+    columns = list(zip(*(r.as_row() for r in ordered), strict=True))
+    await conn.execute(
+        f"""INSERT INTO recipients ({_RCOLS})
+            SELECT * FROM unnest({_RARRAYS})
+            ON CONFLICT (message_id) DO UPDATE SET {_RUPDATES}, updated_at = now()""",
+        *[list(c) for c in columns],
+    )
+
+
+_ENGAGEMENT = (
+    "opens",
+    "human_opens",
+    "first_open_at",
+    "first_human_open_at",
+    "clicks",
+    "human_clicks",
+    "first_click_at",
+    "first_human_click_at",
+)
+
+
+async def save_engagement(conn: Conn, *, recipients: Sequence[Recipient]) -> None:
+    """Write the open and click figures of these (locked, existing) rows."""
+    if not recipients:
+        return
+    columns = [[getattr(r, c) for r in recipients] for c in ("message_id", *_ENGAGEMENT)]
+    await conn.execute(
+        f"""UPDATE recipients r
+            SET {", ".join(f"{c} = v.{c}" for c in _ENGAGEMENT)}, updated_at = now()
+            FROM unnest($1::text[], $2::int[], $3::int[], $4::timestamptz[], $5::timestamptz[],
+                        $6::int[], $7::int[], $8::timestamptz[], $9::timestamptz[])
+                 AS v(message_id, {", ".join(_ENGAGEMENT)})
+            WHERE r.message_id = v.message_id""",
+        *columns,
+    )
+
+
+async def mark_unsubscribed(conn: Conn, *, email_id: uuid.UUID, address: str, at: datetime) -> None:
+    """Note on the recipient's row that they unsubscribed from this email."""
+    await conn.execute(
+        """UPDATE recipients SET unsubscribed_at = coalesce(unsubscribed_at, $3)
+           WHERE email_id = $1 AND recipient = $2""",
+        email_id,
+        address,
+        at,
+    )
+
+
+async def recipients_page(
+    conn: Conn, *, email_id: uuid.UUID, after: str | None, limit: int
+) -> list[asyncpg.Record]:
+    """One page of an email's recipients in address order, after the address `after`."""
+    return list(
+        await conn.fetch(
+            f"""SELECT {_RCOLS} FROM recipients
+                WHERE email_id = $1 AND recipient IS NOT NULL AND recipient > $2
+                ORDER BY recipient LIMIT $3""",
+            email_id,
+            after or "",
+            limit,
+        )
+    )
+
+
+# Links each recipient clicked.
+
+
+async def lock_links(
+    conn: Conn, *, keys: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], LinkState]:
+    """The per-recipient link rows for these (message id, link) pairs, locked."""
+    if not keys:
+        return {}
+    ordered = sorted(set(keys))
+    rows = await conn.fetch(
+        """SELECT l.message_id, l.link_index, l.clicks, l.human_clicks, l.first_click_at,
+                  l.first_human_click_at
+           FROM recipient_links l
+           JOIN unnest($1::text[], $2::int[]) AS k(message_id, link_index)
+             ON l.message_id = k.message_id AND l.link_index = k.link_index
+           ORDER BY l.message_id, l.link_index FOR UPDATE OF l""",
+        [k[0] for k in ordered],
+        [k[1] for k in ordered],
+    )
+    return {
+        (r["message_id"], r["link_index"]): LinkState(
+            r["clicks"], r["human_clicks"], r["first_click_at"], r["first_human_click_at"]
+        )
+        for r in rows
+    }
+
+
+async def save_links(conn: Conn, *, links: Mapping[tuple[str, int], LinkState]) -> None:
+    """Write these per-recipient link rows as they are now."""
+    if not links:
+        return
+    ordered = sorted(links.items())
+    await conn.execute(
+        """INSERT INTO recipient_links (message_id, link_index, clicks, human_clicks,
+                                        first_click_at, first_human_click_at)
+           SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::int[],
+                                $5::timestamptz[], $6::timestamptz[])
+           ON CONFLICT (message_id, link_index) DO UPDATE
+           SET clicks = excluded.clicks, human_clicks = excluded.human_clicks,
+               first_click_at = excluded.first_click_at,
+               first_human_click_at = excluded.first_human_click_at""",
+        [k[0] for k, _ in ordered],
+        [k[1] for k, _ in ordered],
+        [s.clicks for _, s in ordered],
+        [s.human_clicks for _, s in ordered],
+        [s.first_click_at for _, s in ordered],
+        [s.first_human_click_at for _, s in ordered],
+    )
+
+
+# Opens and clicks as recorded.
+
+
+async def insert_activity(conn: Conn, *, events: Sequence[Activity]) -> set[uuid.UUID]:
+    """Record opens and clicks; returns the ids that were new (not written before)."""
+    if not events:
+        return set()
+    rows = await conn.fetch(
+        """INSERT INTO activity (id, kind, source, message_id, email_id, account_id, at,
+                                 link_index, url, machine, reason, user_agent, ip)
+           SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[],
+                                $6::uuid[], $7::timestamptz[], $8::int[], $9::text[],
+                                $10::bool[], $11::text[], $12::text[], $13::text[])
+           ON CONFLICT (id) DO NOTHING RETURNING id""",
+        [e.id for e in events],
+        [e.kind for e in events],
+        [e.source for e in events],
+        [e.message_id for e in events],
+        [e.email_id for e in events],
+        [e.account_id for e in events],
+        [e.at for e in events],
+        [e.link_index for e in events],
+        [e.url for e in events],
+        [e.machine for e in events],
+        [e.reason for e in events],
+        [e.user_agent for e in events],
+        [e.ip for e in events],
+    )
+    return {r["id"] for r in rows}
+
+
+# Unsubscribes.
+
+
+async def insert_unsubscribe(
+    conn: Conn, *, email_id: uuid.UUID, address: str, account_id: uuid.UUID, at: datetime
+) -> bool:
+    """Record an unsubscribe from an email; False if this address was counted already."""
+    inserted = await conn.fetchval(
+        """INSERT INTO unsubscribes (email_id, address, account_id, at) VALUES ($1, $2, $3, $4)
+           ON CONFLICT DO NOTHING RETURNING true""",
+        email_id,
+        address,
+        account_id,
+        at,
+    )
+    return inserted is True
+
+
+# Provider notifications.
+
+
+async def insert_provider_event(conn: Conn, *, event: ProviderEvent) -> bool:
+    """Record a provider's notification; False if it was received before."""
+    inserted = await conn.fetchval(
+        """INSERT INTO provider_events (provider, event_id, kind, message_id,
+                                        provider_message_id, recipient, at, detail)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT DO NOTHING RETURNING true""",
+        event.provider,
+        event.event_id,
+        event.kind,
+        event.message_id,
+        event.provider_message_id,
+        event.recipient,
+        event.at,
+        event.extra(),
+    )
+    return inserted is True
+
+
+async def mark_provider_event(conn: Conn, *, provider: str, event_id: str, message_id: str) -> None:
+    """The notification was applied to this message."""
+    await conn.execute(
+        """UPDATE provider_events SET matched = true, message_id = $3
+           WHERE provider = $1 AND event_id = $2""",
+        provider,
+        event_id,
+        message_id,
+    )
+
+
+async def message_for_provider_id(
+    conn: Conn, *, provider: str, provider_message_id: str
+) -> str | None:
+    """Our Message-ID for a provider's own message id, learnt from an earlier notification."""
+    found: str | None = await conn.fetchval(
+        """SELECT message_id FROM provider_events
+           WHERE provider = $1 AND provider_message_id = $2 AND message_id IS NOT NULL
+           LIMIT 1""",
+        provider,
+        provider_message_id,
+    )
+    return found
+
+
+async def unmatched_provider_events(conn: Conn, *, message_id: str) -> list[ProviderEvent]:
+    """Notifications about this message that arrived before we knew it, oldest first (named
+    by the message's id or by a Message-ID whose local part it is)."""
+    rows = await conn.fetch(
+        """SELECT provider, event_id, kind, at, message_id, provider_message_id, recipient,
+                  detail
+           FROM provider_events
+           WHERE split_part(message_id, '@', 1) = split_part($1, '@', 1) AND NOT matched
+           ORDER BY at FOR UPDATE""",
+        message_id,
+    )
+    events = []
+    for r in rows:
+        extra: dict[str, Any] = r["detail"]
+        events.append(
+            ProviderEvent(
+                provider=r["provider"],
+                event_id=r["event_id"],
+                kind=r["kind"],
+                at=r["at"],
+                message_id=r["message_id"],
+                provider_message_id=r["provider_message_id"],
+                recipient=r["recipient"],
+                raw_type=str(extra.get("raw_type", "")),
+                hard=bool(extra.get("hard")),
+                detail=extra.get("detail"),
+                user_agent=extra.get("user_agent"),
+                ip=extra.get("ip"),
+                url=extra.get("url"),
+                machine=bool(extra.get("machine")),
+            )
+        )
+    return events
+
+
+# Roll-ups.
+
+
+async def queue_deltas(conn: Conn, *, deltas: Sequence[Delta]) -> None:
+    """Leave roll-up changes for the flush worker (the one writer of the roll-ups)."""
+    if not deltas:
+        return
+    await conn.execute(
+        """INSERT INTO rollup_deltas (scope, email_id, account_id, at, link_index, url, counts)
+           SELECT s, e, a, t, l, u, c::jsonb
+           FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::int[],
+                       $6::text[], $7::text[]) AS d(s, e, a, t, l, u, c)""",
+        [d.scope for d in deltas],
+        [d.email_id for d in deltas],
+        [d.account_id for d in deltas],
+        [d.at for d in deltas],
+        [d.link_index for d in deltas],
+        [d.url for d in deltas],
+        [orjson.dumps(dict(d.counts)).decode() for d in deltas],
+    )
+
+
+async def drain_deltas(conn: Conn, *, limit: int) -> list[Delta]:
+    """Take up to `limit` queued changes (others' in-flight ones are skipped, not waited for)."""
+    rows = await conn.fetch(
+        """DELETE FROM rollup_deltas
+           WHERE seq IN (SELECT seq FROM rollup_deltas ORDER BY seq LIMIT $1
+                         FOR UPDATE SKIP LOCKED)
+           RETURNING scope, email_id, account_id, at, link_index, url, counts""",
+        limit,
+    )
+    return [
+        Delta(
+            r["scope"],
+            r["email_id"],
+            r["account_id"],
+            r["at"],
+            r["counts"],
+            r["link_index"],
+            r["url"],
+        )
+        for r in rows
+    ]
+
+
+async def queued_deltas(conn: Conn) -> int:
+    """How many roll-up changes wait for the flush worker."""
+    count: int = await conn.fetchval("SELECT count(*) FROM rollup_deltas")
+    return count
+
+
+def _counter_arrays(counters: Sequence[Mapping[str, int]], names: Sequence[str]) -> list[list[int]]:
+    return [[c.get(name, 0) for c in counters] for name in names]
+
+
+def _upsert(
+    table: str, keys: Sequence[tuple[str, str]], names: Sequence[str], conflict: str
+) -> str:
+    """INSERT … ON CONFLICT (`conflict`) adding up counters; `keys` are the (column, type) of
+    the row's other columns, in the order their arrays are passed."""
+    columns = [k for k, _ in keys] + list(names)
+    types = [t for _, t in keys] + ["bigint"] * len(names)
+    arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(types, start=1))
+    adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in names)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+        f" ON CONFLICT ({conflict}) DO UPDATE SET {adds}"
+    )
+
+
+_STATS_SQL = _upsert(
+    "email_stats", [("email_id", "uuid"), ("account_id", "uuid")], COUNTERS, "email_id"
+)
+_EMAIL_HOURLY_SQL = _upsert(
+    "email_hourly",
+    [("email_id", "uuid"), ("hour", "timestamptz"), ("account_id", "uuid")],
+    COUNTERS,
+    "email_id, hour",
+)
+_EMAIL_DAILY_SQL = _upsert(
+    "email_daily",
+    [("email_id", "uuid"), ("day", "date"), ("account_id", "uuid")],
+    COUNTERS,
+    "email_id, day",
+)
+_ACCOUNT_HOURLY_SQL = _upsert(
+    "account_hourly",
+    [("account_id", "uuid"), ("hour", "timestamptz")],
+    COUNTERS,
+    "account_id, hour",
+)
+_LINK_STATS_SQL = _upsert(
+    "link_stats",
+    [("email_id", "uuid"), ("link_index", "int"), ("account_id", "uuid"), ("url", "text")],
+    LINK_COUNTERS,
+    "email_id, link_index",
+)
+_LINK_HOURLY_SQL = _upsert(
+    "link_hourly",
+    [("email_id", "uuid"), ("link_index", "int"), ("hour", "timestamptz"), ("account_id", "uuid")],
+    LINK_COUNTERS,
+    "email_id, link_index, hour",
+)
+_LINK_DAILY_SQL = _upsert(
+    "link_daily",
+    [("email_id", "uuid"), ("link_index", "int"), ("day", "date"), ("account_id", "uuid")],
+    LINK_COUNTERS,
+    "email_id, link_index, day",
+)
+
+
+async def apply_rollup(conn: Conn, *, tables: Tables) -> None:
+    """Add summed changes to every roll-up, each table's rows in key order (lock order)."""
+    if tables.stats:
+        items = sorted(tables.stats.items())
+        await conn.execute(
+            _STATS_SQL,
+            [k for k, _ in items],
+            [a for _, (a, _) in items],
+            *_counter_arrays([c for _, (_, c) in items], COUNTERS),
+        )
+    if tables.email_hourly:
+        hourly = sorted(tables.email_hourly.items())
+        await conn.execute(
+            _EMAIL_HOURLY_SQL,
+            [k[0] for k, _ in hourly],
+            [k[1] for k, _ in hourly],
+            [a for _, (a, _) in hourly],
+            *_counter_arrays([c for _, (_, c) in hourly], COUNTERS),
+        )
+    if tables.email_daily:
+        daily = sorted(tables.email_daily.items())
+        await conn.execute(
+            _EMAIL_DAILY_SQL,
+            [k[0] for k, _ in daily],
+            [k[1] for k, _ in daily],
+            [a for _, (a, _) in daily],
+            *_counter_arrays([c for _, (_, c) in daily], COUNTERS),
+        )
+    if tables.account_hourly:
+        accounts = sorted(tables.account_hourly.items())
+        await conn.execute(
+            _ACCOUNT_HOURLY_SQL,
+            [k[0] for k, _ in accounts],
+            [k[1] for k, _ in accounts],
+            *_counter_arrays([c for _, c in accounts], COUNTERS),
+        )
+    if tables.link_stats:
+        links = sorted(tables.link_stats.items())
+        await conn.execute(
+            _LINK_STATS_SQL,
+            [k[0] for k, _ in links],
+            [k[1] for k, _ in links],
+            [a for _, (a, _, _) in links],
+            [u for _, (_, u, _) in links],
+            *_counter_arrays([c for _, (_, _, c) in links], LINK_COUNTERS),
+        )
+    if tables.link_hourly:
+        link_hours = sorted(tables.link_hourly.items())
+        await conn.execute(
+            _LINK_HOURLY_SQL,
+            [k[0] for k, _ in link_hours],
+            [k[1] for k, _ in link_hours],
+            [k[2] for k, _ in link_hours],
+            [a for _, (a, _) in link_hours],
+            *_counter_arrays([c for _, (_, c) in link_hours], LINK_COUNTERS),
+        )
+    if tables.link_daily:
+        link_days = sorted(tables.link_daily.items())
+        await conn.execute(
+            _LINK_DAILY_SQL,
+            [k[0] for k, _ in link_days],
+            [k[1] for k, _ in link_days],
+            [k[2] for k, _ in link_days],
+            [a for _, (a, _) in link_days],
+            *_counter_arrays([c for _, (_, c) in link_days], LINK_COUNTERS),
+        )
+
+
+# Account settings.
+
+
+async def put_timezone(conn: Conn, *, account_id: uuid.UUID, timezone: str) -> None:
+    """Keep the account's timezone as auth last published it."""
+    await conn.execute(
+        """INSERT INTO account_settings (account_id, timezone) VALUES ($1, $2)
+           ON CONFLICT (account_id) DO UPDATE
+           SET timezone = excluded.timezone, updated_at = now()""",
+        account_id,
+        timezone,
+    )
+
+
+async def account_timezone(conn: Conn, *, account_id: uuid.UUID) -> str | None:
+    """The account's timezone name, if auth has told us."""
+    name: str | None = await conn.fetchval(
+        "SELECT timezone FROM account_settings WHERE account_id = $1", account_id
+    )
+    return name
+
+
+# Reads for /tracking and /reports (roll-ups only, never the activity table).
+
+
+async def email_overview(
+    conn: Conn, *, email_id: uuid.UUID, account_id: uuid.UUID
+) -> asyncpg.Record | None:
+    """The email's details and current totals, if it belongs to the account."""
+    return await conn.fetchrow(
+        f"""SELECT e.email_id, e.subject, e.kind, e.tags, e.total_recipients, e.first_sent_at,
+                   {", ".join(f"coalesce(s.{c}, 0)::bigint AS {c}" for c in COUNTERS)}
+            FROM emails e LEFT JOIN email_stats s ON s.email_id = e.email_id
+            WHERE e.email_id = $1 AND e.account_id = $2""",
+        email_id,
+        account_id,
+    )
+
+
+async def email_links(conn: Conn, *, email_id: uuid.UUID) -> list[asyncpg.Record]:
+    """Clicks per link of one email, in link order."""
+    return list(
+        await conn.fetch(
+            f"""SELECT link_index, url, {_LINK_COUNTERS} FROM link_stats WHERE email_id = $1
+                ORDER BY link_index""",
+            email_id,
+        )
+    )
+
+
+async def email_ids_with_tag(conn: Conn, *, account_id: uuid.UUID, tag: str) -> list[uuid.UUID]:
+    """The account's emails carrying `tag`."""
+    rows = await conn.fetch(
+        "SELECT email_id FROM emails WHERE account_id = $1 AND tags @> ARRAY[$2::text]",
+        account_id,
+        tag,
+    )
+    return [r["email_id"] for r in rows]
+
+
+_EMAIL_FILTER = " AND email_id = ANY($9::uuid[])"
+_NO_DAYS = (date(1970, 1, 1), date(1970, 1, 1))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _split_args(parts: Split) -> list[Any]:
+    days = parts.days or _NO_DAYS
+    hours = list(parts.hours)
+    while len(hours) < 2:
+        hours.append((_EPOCH, _EPOCH))
+    return [days[0], days[1], hours[0][0], hours[0][1], hours[1][0], hours[1][1]]
+
+
+def _hybrid(columns: str, daily: str, hourly: str, key: str, filtered: bool) -> str:
+    where = _EMAIL_FILTER if filtered else ""
+    return f"""
+        SELECT {key}, {columns} FROM {daily}
+        WHERE account_id = $1 AND day >= $2 AND day < $3{where}
+        UNION ALL
+        SELECT {key}, {columns} FROM {hourly}
+        WHERE account_id = $1 AND ((hour >= $4 AND hour < $5) OR (hour >= $6 AND hour < $7)){where}
+    """
+
+
+async def series(
+    conn: Conn,
+    *,
+    account_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    interval: str,
+    timezone: str,
+    email_ids: Sequence[uuid.UUID] | None,
+) -> list[asyncpg.Record]:
+    """Counts per bucket: UTC hours (`interval` hour) or the account's local days."""
+    args: list[Any] = [account_id, start, end]
+    table, where = "account_hourly", ""
+    if email_ids is not None:
+        args.append(list(email_ids))
+        table, where = "email_hourly", f" AND email_id = ANY(${len(args)}::uuid[])"
+    key = "hour"
+    if interval == "day":
+        args.append(timezone)
+        key = f"(hour AT TIME ZONE ${len(args)}::text)::date"
+    return list(
+        await conn.fetch(
+            f"""SELECT {key} AS key, {_SUMS} FROM {table}
+                WHERE account_id = $1 AND hour >= $2 AND hour < $3{where}
+                GROUP BY 1 ORDER BY 1""",
+            *args,
+        )
+    )
+
+
+async def emails_table(
+    conn: Conn,
+    *,
+    account_id: uuid.UUID,
+    parts: Split,
+    email_ids: Sequence[uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Per email, what happened within the period (whole days daily, the edges hourly)."""
+    union = _hybrid(_COUNTERS, "email_daily", "email_hourly", "email_id", email_ids is not None)
+    args: list[Any] = [account_id, *_split_args(parts), limit]
+    if email_ids is not None:
+        args.append(list(email_ids))
+    return list(
+        await conn.fetch(
+            f"""WITH parts AS ({union}),
+                     totals AS (SELECT email_id, {_SUMS} FROM parts GROUP BY email_id)
+                SELECT t.*, e.subject, e.tags, e.first_sent_at
+                FROM totals t JOIN emails e ON e.email_id = t.email_id
+                ORDER BY e.first_sent_at DESC NULLS LAST, t.email_id
+                LIMIT $8""",
+            *args,
+        )
+    )
+
+
+async def top_links(
+    conn: Conn,
+    *,
+    account_id: uuid.UUID,
+    parts: Split,
+    email_ids: Sequence[uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """The most clicked links within the period."""
+    union = _hybrid(
+        _LINK_COUNTERS, "link_daily", "link_hourly", "email_id, link_index", email_ids is not None
+    )
+    args: list[Any] = [account_id, *_split_args(parts), limit]
+    if email_ids is not None:
+        args.append(list(email_ids))
+    return list(
+        await conn.fetch(
+            f"""WITH parts AS ({union}),
+                     totals AS (SELECT email_id, link_index, {_LINK_SUMS} FROM parts
+                                GROUP BY email_id, link_index
+                                ORDER BY clicks DESC, email_id, link_index LIMIT $8)
+                SELECT t.*, s.url FROM totals t
+                JOIN link_stats s ON s.email_id = t.email_id AND s.link_index = t.link_index
+                ORDER BY t.clicks DESC, t.email_id, t.link_index""",
+            *args,
+        )
+    )
+
+
+async def name_provider_event(conn: Conn, *, provider: str, event_id: str, message_id: str) -> None:
+    """Note which message an unmatched notification is about (found by the provider's id)."""
+    await conn.execute(
+        "UPDATE provider_events SET message_id = $3 WHERE provider = $1 AND event_id = $2",
+        provider,
+        event_id,
+        message_id,
+    )
