@@ -14,14 +14,31 @@ from herald.service import Runtime, Worker
 
 
 class Upstreams:
-    """One pooled client for all services; each call bounded by timeouts."""
+    """A pooled client per service for forwarding, one more for the gateway's own calls.
+
+    A pool per service keeps a slow service from taking the connections the others need, and
+    keeps each pool small: httpcore looks at every pooled connection on every request.
+    """
 
     def __init__(self, urls: dict[str, str], *, timeout: float) -> None:
         self.urls = urls
+        self.clients = {
+            service: httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout, connect=2.0),
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=16),
+            )
+            for service in urls
+        }
+        # Health, statistics and API documents: few calls, short timeouts of their own.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=2.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=4),
         )
+
+    async def aclose(self) -> None:
+        """Close every pool."""
+        for client in [*self.clients.values(), self.client]:
+            await client.aclose()
 
     def readiness_check(self, service: str) -> Check:
         """A check that passes while `service` says it is ready."""
@@ -47,7 +64,7 @@ def upstreams_worker(
         upstreams = Upstreams(urls, timeout=timeout)
         runtime.extras["upstreams"] = upstreams
         runtime.extras["api_keys"] = ApiKeyExchanger(
-            client=upstreams.client,
+            client=upstreams.clients["auth"],
             auth_url=urls["auth"],
             headers=internal_headers(runtime.settings),
             max_age=api_key_cache_seconds,
@@ -57,6 +74,6 @@ def upstreams_worker(
         try:
             yield
         finally:
-            await upstreams.client.aclose()
+            await upstreams.aclose()
 
     return worker
