@@ -285,6 +285,10 @@ async def test_profile_read_update_and_email_change(
         "/profile", json={"default_sender_name": "A\r\nBcc: x@y.z"}, headers=bearer(tokens)
     )
     assert header_injection.status_code == 422
+    for required in ("username", "timezone"):
+        cleared = await gateway.put("/profile", json={required: None}, headers=bearer(tokens))
+        assert cleared.status_code == 422, cleared.text
+        assert cleared.json()["error"]["details"][0]["field"] == required
 
     new_email = "new-" + email
     updated = await gateway.put(

@@ -146,7 +146,10 @@ class ProfileUpdate(_In):
     @field_validator("username")
     @classmethod
     def _lower(cls, value: str | None) -> str | None:
-        return value.strip().lower() if value is not None else None
+        # Omitted means unchanged; an explicit null would clear a name every account must have.
+        if value is None:
+            raise ValueError("a username cannot be removed; omit the field to keep it")
+        return value.strip().lower()
 
     @field_validator("email", "reply_to")
     @classmethod
@@ -156,7 +159,9 @@ class ProfileUpdate(_In):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in zoneinfo.available_timezones():
+        if value is None:
+            raise ValueError("a time zone cannot be removed; omit the field to keep it")
+        if value not in zoneinfo.available_timezones():
             raise ValueError("unknown time zone (use an IANA name such as Europe/Paris)")
         return value
 
