@@ -66,3 +66,5 @@ def configure_logging(*, service: str, level: str = "INFO", fmt: str = "json") -
     # aiokafka reports every transient broker hiccup at WARNING/ERROR; keep our own logs readable.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx logs every request at INFO: readiness polls and internal calls would drown the rest.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
