@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.tls import development_certificate
 from herald.devinfra.process import free_port
 from herald.devinfra.stack import ServiceProcess, Stack
+from herald.devinfra.tls import development_certificate
 from herald.events.requests import SendRequested
 
 PASSWORD = "gateway-orbit-candle-92-harbor"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from herald.devinfra.stack import SERVICES, Stack, StackConfig
+from herald.devinfra.tls import development_certificate
 from herald.settings import SERVICE_PORTS
 
 
@@ -22,10 +23,19 @@ def _port(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _tls_env(data_dir: Path) -> dict[str, str]:
+    """HTTPS for the gateway: the operator's files when given, else a development certificate."""
+    if os.environ.get("TLS_CERT_FILE") or os.environ.get("TLS_KEY_FILE"):
+        return {}
+    cert, key = development_certificate(data_dir / "tls")
+    return {"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
+
+
 def config_from_env() -> StackConfig:
     """The stack `make run` starts, as the environment describes it."""
+    data_dir = Path(os.environ.get("HERALD_DATA_DIR", ".data")).resolve()
     return StackConfig(
-        data_dir=Path(os.environ.get("HERALD_DATA_DIR", ".data")).resolve(),
+        data_dir=data_dir,
         service_ports={s: _port(f"{s.upper()}_PORT", p) for s, p in SERVICE_PORTS.items()},
         database_url=os.environ.get("DATABASE_URL") or None,
         kafka_bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
@@ -36,7 +46,10 @@ def config_from_env() -> StackConfig:
         sink_http_port=_port("SINK_HTTP_PORT", 8025),
         kafka_partitions=_port("KAFKA_PARTITIONS", 6),
         echo_logs=os.environ.get("HERALD_ECHO_LOGS", "1") != "0",
-        env={"KAFKA_SESSION_TIMEOUT_MS": os.environ.get("KAFKA_SESSION_TIMEOUT_MS", "6000")},
+        env={
+            "KAFKA_SESSION_TIMEOUT_MS": os.environ.get("KAFKA_SESSION_TIMEOUT_MS", "6000"),
+            **_tls_env(data_dir),
+        },
     )
 
 
@@ -106,6 +119,12 @@ def _summary(stack: Stack, seconds: float) -> None:
         f"  API (gateway)     {stack.url('gateway')}   docs: {stack.url('gateway')}/docs",
         f"  readiness         {stack.url('gateway')}/readyz",
     ]
+    gateway_env = stack.service_env("gateway")
+    if gateway_env.get("TLS_CERT_FILE"):
+        https = f"https://127.0.0.1:{gateway_env.get('GATEWAY_TLS_PORT', '8443')}"
+        ca = Path(gateway_env["TLS_CERT_FILE"]).with_name("ca.pem")
+        trust = f"   (trust {ca})" if ca.is_file() else ""
+        lines.append(f"  API over HTTPS     {https}{trust}")
     for name in SERVICES[1:]:
         lines.append(f"  {name:<17} {stack.url(name)}")
     lines.append(f"  PostgreSQL        {_redact(stack.database_url)}")

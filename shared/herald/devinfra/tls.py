@@ -1,9 +1,10 @@
 """A local development certificate for the gateway's HTTPS listener.
 
-`make run` calls `development_certificate` once per data directory: a private certificate
-authority (trustme) issues a certificate for 127.0.0.1, ::1 and localhost. The CA certificate
-is written beside it (`ca.pem`) so clients can trust it (`curl --cacert .data/tls/ca.pem`)
-without trusting anything else; the files are kept and reused while they are valid.
+`make run` (herald.devinfra) calls `development_certificate` once per data directory: a
+private certificate authority (trustme) issues a certificate for 127.0.0.1, ::1 and localhost.
+The CA certificate is written beside it (`ca.pem`) so clients can trust it (`curl --cacert
+.data/tls/ca.pem`) without trusting anything else; the files are kept and reused while they
+are valid.
 """
 
 from __future__ import annotations

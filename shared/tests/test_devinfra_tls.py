@@ -6,7 +6,7 @@ import stat
 
 from cryptography import x509
 
-from gateway.tls import development_certificate
+from herald.devinfra.tls import development_certificate
 
 
 def test_a_certificate_for_loopback_is_made_once_and_reused(tmp_path):
