@@ -22,7 +22,7 @@ import httpx
 from herald import events, migrations
 from herald.devinfra.broker import EmbeddedBroker
 from herald.devinfra.postgres import EmbeddedPostgres
-from herald.devinfra.process import die_with_parent
+from herald.devinfra.process import die_with_parent, free_port
 from herald.devinfra.secrets import development_secrets
 from herald.kafka import ensure_topics
 from herald.settings import SERVICE_PORTS, BaseServiceSettings
@@ -51,10 +51,20 @@ class StackConfig:
 
 
 class ServiceProcess:
-    """One service running as `python -m <name>`, its output in `<data_dir>/logs/<name>.log`."""
+    """One service running as `python -m <module>` (by default its name), its output in
+    `log_path`; a replica has a name of its own and its service's module."""
 
-    def __init__(self, name: str, env: Mapping[str, str], log_path: Path, echo: TextIO | None):
+    def __init__(
+        self,
+        name: str,
+        env: Mapping[str, str],
+        log_path: Path,
+        echo: TextIO | None,
+        *,
+        module: str | None = None,
+    ):
         self.name = name
+        self.module = module or name
         self.env = dict(env)
         self.log_path = log_path
         self.echo = echo
@@ -66,7 +76,7 @@ class ServiceProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            self.name,
+            self.module,
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -117,6 +127,8 @@ class Stack:
         self.broker: EmbeddedBroker | None = None
         self.sink: ServiceProcess | None = None
         self.services: dict[str, ServiceProcess] = {}
+        # Ports of replicas started under names of their own (see `start_service`).
+        self.replica_ports: dict[str, int] = {}
         self.database_url = config.database_url or ""
         self.kafka_bootstrap_servers = config.kafka_bootstrap_servers or ""
         self.smtp_url = config.smtp_url or ""
@@ -127,7 +139,9 @@ class Stack:
         return self.config.data_dir / "logs"
 
     def url(self, service: str) -> str:
-        return f"http://127.0.0.1:{self.config.service_ports[service]}"
+        """The HTTP address of a service, or of a replica by the name it was started under."""
+        port = self.replica_ports.get(service) or self.config.service_ports[service]
+        return f"http://127.0.0.1:{port}"
 
     @property
     def sink_url(self) -> str:
@@ -170,10 +184,29 @@ class Stack:
 
     async def restart_broker(self) -> None:
         """Stop and start the embedded broker (losing all it held), then recreate the topics."""
-        assert self.broker is not None, "only the embedded broker can be restarted"
-        await asyncio.to_thread(self.broker.stop)
+        await self.stop_broker()
+        await self.start_broker()
+
+    async def stop_broker(self, *, kill: bool = False) -> None:
+        """Stop the embedded broker; everything it held is lost (it keeps it in memory only)."""
+        assert self.broker is not None, "only the embedded broker can be stopped"
+        await asyncio.to_thread(self.broker.stop, kill=kill)
+
+    async def start_broker(self) -> None:
+        """Start the embedded broker again, on its port, and create the topics anew."""
+        assert self.broker is not None, "only the embedded broker can be started"
         await asyncio.to_thread(self.broker.start)
         await self.create_topics()
+
+    async def stop_postgres(self, mode: str = "fast") -> None:
+        """Stop the embedded PostgreSQL (`fast`: sessions are cut; `immediate`: a crash)."""
+        assert self.postgres is not None, "only the embedded PostgreSQL can be stopped"
+        await asyncio.to_thread(self.postgres.stop, mode)
+
+    async def start_postgres(self) -> None:
+        """Start the embedded PostgreSQL again on its data directory and port."""
+        assert self.postgres is not None, "only the embedded PostgreSQL can be started"
+        await asyncio.to_thread(self.postgres.start)
 
     async def create_topics(self) -> None:
         settings = BaseServiceSettings(
@@ -213,12 +246,31 @@ class Stack:
         env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{ports['gateway']}")
         return env
 
-    async def start_service(self, name: str) -> ServiceProcess:
+    async def start_service(
+        self,
+        name: str,
+        *,
+        replica: str | None = None,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ServiceProcess:
+        """Start service `name`, with `env` over its usual environment.
+
+        With `replica`, a further process of the service under that name (its log, its entry in
+        `services`), listening on `port` (a free one if not given) so it can run beside the first.
+        """
+        key = replica or name
+        environment = self.service_env(name)
+        if replica is not None:
+            listen = port or free_port()
+            environment[f"{name.upper()}_PORT"] = str(listen)
+            self.replica_ports[key] = listen
+        environment.update(env or {})
         process = ServiceProcess(
-            name, self.service_env(name), self.logs_dir / f"{name}.log", self._echo()
+            key, environment, self.logs_dir / f"{key}.log", self._echo(), module=name
         )
         await process.start()
-        self.services[name] = process
+        self.services[key] = process
         return process
 
     async def stop_service(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
