@@ -309,6 +309,29 @@ async def test_a_relay_refusing_connections_delays_delivery_and_loses_nothing(
     assert await engine.relay_ready()
 
 
+async def test_a_relay_that_goes_down_mid_send_delays_delivery_and_loses_nothing(
+    harness: Harness,
+):
+    await harness.start(smtp_concurrency=4, claim_batch=40)
+    email_id = await harness.queue(200)
+    await harness.settled(email_id, lambda s: list(s.values()).count("sent") >= 20)
+    # Down: the open connections die at their next message's end, new ones are refused.
+    await harness.behave({"match": "*", "action": "drop"}, refuse=True)
+    try:
+        await asyncio.sleep(1.5)
+        sent_while_down = list((await harness.states(email_id)).values()).count("sent")
+        await asyncio.sleep(1.5)
+        states = await harness.states(email_id)
+        assert list(states.values()).count("sent") == sent_while_down < 200
+        # Nothing piles up in memory: a dead relay stops the claiming, not just the sending.
+        assert list(states.values()).count("sending") <= 40 + 4
+    finally:
+        await harness.behave()
+    await harness.all_sent(email_id, 200)
+    received = recipients_of(await harness.received())
+    assert received == sorted(harness.address(i) for i in range(200))
+
+
 async def test_deferrals_give_up_at_the_horizon(harness: Harness):
     await harness.behave({"match": harness.address(0), "action": "defer"})
     await harness.start(retry_horizon_seconds=1.5)

@@ -26,17 +26,35 @@ Afterwards:
   commit), and the operating system delivers it even after we die: the relay has the whole
   message. It is counted as sent (`ASSUMED_ACCEPTED`) and never sent again.
 
-What is left open is the time between the first of those final lines and the COMMIT leaving
-for the database, microseconds of system calls with nothing awaited in between: a crash there
-leaves the relay with messages our records do not mark, and they are sent again. (This takes a
-relay that, like Postfix, keeps a message whose end it received even when the client is gone
-before the reply; one that drops it instead loses the messages whose end it had not finished
-processing when we crashed.) The marks are
-committed without waiting for the disk (see `HeldConnection`), which only matters if the
-database server crashes too. A relay that answers the final line with a refusal during our
-crash is counted as accepting (its own bounce reaches the sender then). A relay that drops the
-connection after the final line without a reply, while we live, is retried: it most likely did
-not take the message, and RFC 1047 prefers a rare duplicate to a loss.
+The window, precisely. Duplicates: a crash between the first final line of a group leaving
+for the operating system and that group's COMMIT leaving for the database (microseconds of
+system calls, nothing awaited in between) leaves the relay with messages our records do not
+mark; they are sent again. So does a crash of the database server within wal_writer_delay of
+a COMMIT, as the marks do not wait for the disk (see `HeldConnection`). Nothing else sends a
+message twice. Losses: none, as long as the following hold, which is what `ASSUMED_ACCEPTED`
+takes on trust:
+
+* the relay keeps a message whose end it received even when the client is gone before the
+  reply. Postfix does (it notices the client is gone only when it replies). The built-in sink
+  did not until it was fixed (aiosmtpd ends a session the moment its client leaves, dropping
+  the message whose end it had not yet stored); that was the lost recipient of the crash test.
+  `tests/dispatcher/test_dispatcher_relay_contract.py` checks the sink for it.
+* the kernel gets the final line to the relay after our process died. It does: the socket of
+  a killed process is closed with FIN and what it holds is still sent. Linux closes with RST
+  instead, discarding what was not yet sent, only when received data lies unread; on a
+  connection whose end we wrote, the only thing the relay can have sent is its reply to that
+  end, and then it has the end. A crash of the whole host (or its network) within a round trip
+  of the write is not covered: the mark may outlive the bytes.
+* over TLS, "written" means past the TLS layer's buffer, which is all `RelayConnection.unsent`
+  can see; should the socket's buffer be full, the TLS records of a final line can still wait
+  in the event loop's own transport when it is marked, and a crash then loses that message.
+  (It takes a message larger than the socket buffer to a relay that reads slowly; plain SMTP
+  on the same relay has no such gap.)
+
+A relay that answers the final line with a refusal during our crash is counted as accepting
+(its own bounce reaches the sender then). A relay that drops the connection after the final
+line without a reply, while we live, is retried: it most likely did not take the message, and
+RFC 1047 prefers a rare duplicate to a loss.
 
 Back-pressure: the engine claims only what its bounded in-memory queue can take, senders take
 the next message only when connected, and outcome recording blocks senders when it falls

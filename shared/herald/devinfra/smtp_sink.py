@@ -448,6 +448,12 @@ class _SinkSMTP(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self._live = live
+        # Set while a message comes in and is stored. A client that leaves then (killed after
+        # writing the final line, before our reply) is not taken at its word until the message
+        # is settled: see `eof_received`.
+        self._receiving = False
+        self._left: Literal["eof", "lost"] | None = None
+        self._lost_error: Exception | None = None
 
     def _create_envelope(self) -> Envelope:
         return _Envelope()
@@ -458,7 +464,36 @@ class _SinkSMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._live.discard(self)
+        if self._receiving:
+            self._left, self._lost_error = "lost", error
+            # EOF rather than the error, so the bytes that arrived before it stay readable
+            # (a StreamReader with an exception raises it before handing out its buffer).
+            self._reader.feed_eof()
+            return
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session at once when the client goes away, dropping a message
+        # whose final line had arrived but was not yet read or stored. A relay such as Postfix
+        # keeps such a message (it notices the client is gone only when replying), and the
+        # dispatcher's exactly-once accounting relies on that, so this sink does the same: what
+        # is in hand is finished first, and the session ends after.
+        if self._receiving:
+            self._left = "eof"
+            self._reader.feed_eof()
+            return True
+        return super().eof_received()
+
+    def _end_after_departure(self) -> None:
+        """What aiosmtpd does when the client leaves, put off until the message was settled."""
+        left, self._left = self._left, None
+        if left == "lost":
+            super().connection_lost(self._lost_error)
+        elif self.transport is not None:
+            # Half closed after EOF: closing it brings connection_lost, which ends the session;
+            # no transport ends aiosmtpd's command loop now, before it reads past the EOF.
+            self.transport.close()
+            self.transport = None
 
     def session_task(self) -> asyncio.Task[None] | None:
         return self._handler_coroutine
@@ -486,20 +521,38 @@ class _SinkSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content = await self._read_data()
+        self._receiving = True
+        try:
+            status = await self._receive(envelope)
+        finally:
+            self._receiving = False
+        if status is not None and self._left != "lost":
+            # Also after an EOF: a client that only shut down its sending side still reads.
+            await self.push(status)
+        if self._left is not None:
+            # The message, if it was whole, is stored; the session ends.
+            self._end_after_departure()
+
+    async def _receive(self, envelope: Envelope) -> str | None:
+        """Read and store the message; the reply, or None if there is none to give."""
+        try:
+            content = await self._read_data()
+        except asyncio.IncompleteReadError:
+            # The client left before the end of the message: there is no message.
+            self.envelope = self._create_envelope()
+            return None
         if content is None:
             self.envelope = self._create_envelope()
-            await self.push("552 Error: Too much mail data")
-            return
+            return "552 Error: Too much mail data"
         if isinstance(envelope, _Envelope) and envelope.drop:
             # A relay dying mid-transaction: the data is in, and no reply ever comes.
             if isinstance(self.transport, asyncio.Transport):
                 self.transport.abort()
-            return
+            return None
         envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        status: str = await self._call_handler_hook("DATA")
         self.envelope = self._create_envelope()
-        await self.push(status)
+        return status
 
     async def _read_data(self) -> bytes | None:
         """The message up to the lone-dot line, dot-unstuffed; None if it was too large."""
