@@ -7,6 +7,10 @@ the same GIF and does nothing else; the tracking service verifies each token, ju
 buffers the open and writes it in batches. Afterwards every open the service answered (its own
 request counter) must be in the roll-ups. Needs Debian's `wrk`.
 
+On a machine shared with other work the request rates swing with its load, so the CPU time each
+process spent per answered request (from /proc, the tracking service's including the writing of
+its batches) is reported beside them: the steadier figure of what an open costs.
+
     .venv/bin/python bench/tracking_pixel.py [--seconds 8] [--rounds 3] [--connections 64]
 """
 
@@ -129,6 +133,24 @@ async def answered_opens(url: str) -> float:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measured(
+    pid: int, url: str, script: Path, seconds: float, connections: int, *, settle: float
+) -> dict[str, float]:
+    """One wrk round, with the CPU time `pid` spent per request (`settle` seconds after the
+    load ends count too: the tracking service writes what it answered then)."""
+    before = cpu_seconds(pid)
+    run = await wrk(url, script, seconds, connections)
+    await asyncio.sleep(settle)
+    run["cpu_us"] = (cpu_seconds(pid) - before) / max(run["requests"], 1) * 1e6
+    return run
+
+
 def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
@@ -177,9 +199,15 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
         await wrk(bare_url, script, 2, connections)
         await wrk(tracking, script, 2, connections)
         baselines, ours = [], []
+        service = stack.services["tracking"].process
+        assert service is not None
         for _ in range(rounds):
-            baselines.append(await wrk(bare_url, script, seconds, connections))
-            ours.append(await wrk(tracking, script, seconds, connections))
+            baselines.append(
+                await measured(bare.pid, bare_url, script, seconds, connections, settle=0)
+            )
+            ours.append(
+                await measured(service.pid, tracking, script, seconds, connections, settle=1.5)
+            )
         answered = await answered_opens(tracking)
         conn = await asyncpg.connect(stack.database_url)
         try:
@@ -218,6 +246,11 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
         f"ratio {median(ours, 'rate') / median(baselines, 'rate'):.2f} (aim >= 0.7; per round"
         f" {', '.join(f'{r:.2f}' for r in ratios)}); wrk -t1 -c{connections} -d{seconds:.0f}s,"
         f" {MESSAGES} different tokens, one uvicorn process each, on {os.cpu_count()} cores"
+    )
+    bare_cpu, our_cpu = median(baselines, "cpu_us"), median(ours, "cpu_us")
+    print(
+        f"CPU per request: bare {bare_cpu:.0f} µs, tracking service {our_cpu:.0f} µs (writing"
+        f" included); ratio {bare_cpu / our_cpu:.2f} (medians)"
     )
     verdict = "every answered open is in the roll-ups" if recorded == answered else "MISMATCH"
     print(

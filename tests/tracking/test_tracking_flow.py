@@ -161,6 +161,9 @@ async def test_forged_and_misused_tokens_get_404_and_never_redirect(
         "/t/c/not-a-token",
         f"/t/o/{genuine.removeprefix('/t/c/')}",
         f"/t/o/{open_token[:-3]}abc",
+        # Non-ASCII where the MAC goes (percent-encoded in the URL): a 404, not a 500.
+        f"/t/c/{payload}.{kid}.%C3%A9{mac[2:]}",
+        f"/t/o/{open_token[:-3]}%E2%82%AC",
     ):
         response = await gateway.get(path)
         assert response.status_code == 404, path

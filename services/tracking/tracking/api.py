@@ -171,8 +171,7 @@ async def account_report(
         links=links,
     )
     try:
-        async with request.app.state.runtime.db.acquire() as conn:
-            body = await reports.report(conn, query, now=datetime.now(UTC))
+        body = await reports.report(request.app.state.runtime.db, query, now=datetime.now(UTC))
     except reports.NotFound:
         raise _not_found("email") from None
     except PeriodError as exc:
@@ -183,4 +182,5 @@ async def account_report(
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="herald-{table}.csv"'},
         )
-    return body
+    # Built from typed rows already: serialised as `ReportOut` describes it, not validated again.
+    return Response(reports.to_json(body), media_type="application/json")

@@ -10,14 +10,13 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from herald.links import LinkSigner
 from herald.service import Runtime, Worker, create_service_app
 from tracking import flows, store
 from tracking.api import router
 from tracking.buffer import ActivityBuffer, Flusher
 from tracking.config import Settings
 from tracking.handlers import bind
-from tracking.hotpath import OPENAPI_PATHS, HotPath, TrackingLinks
+from tracking.hotpath import OPENAPI_PATHS, HotPath, TokenReader, TrackingApp
 from tracking.machine import BurstDetector, Classifier, parse_networks
 from tracking.metrics import BUFFERED
 from tracking.signatures import SnsVerifier, load_sendgrid_key
@@ -42,7 +41,7 @@ def _hot_path(settings: Settings, rules: flows.Rules) -> Worker:
         )
         detector = BurstDetector(links=settings.burst_links, seconds=settings.burst_seconds)
         runtime.extras["hotpath"] = HotPath(
-            signer=LinkSigner.from_spec(settings.link_signing_keys.get_secret_value()),
+            tokens=TokenReader(settings.link_signing_keys.get_secret_value()),
             classifier=rules.classifier,
             buffer=buffer,
             detector=detector,
@@ -117,7 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         handlers=bind(rules) if settings.run_consumers else None,
         workers=(_webhooks(settings, rules), _hot_path(settings, rules)),
     )
-    app.add_middleware(TrackingLinks)
+    # The shared builder makes a plain FastAPI; ours answers the pixel and click links before
+    # FastAPI's per-request machinery (see tracking.hotpath). Same object, one method more.
+    app.__class__ = TrackingApp
     base_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

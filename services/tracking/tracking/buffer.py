@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -174,8 +174,8 @@ class Flusher:
             BUFFERED.set(len(self._buffer))
         if batch or queued:
             FLUSH_SECONDS.observe(time.perf_counter() - started)
-        for event in recorded:
-            RECORDED.labels(event.kind, event.reason or "human").inc()
+        for (kind, by), n in Counter((e.kind, e.reason or "human") for e in recorded).items():
+            RECORDED.labels(kind, by).inc(n)
         return len(batch) >= self._buffer.batch or len(queued) >= limit
 
     def _judge(self, event: Activity) -> Activity:

@@ -248,7 +248,7 @@ class Recipient:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | asyncpg.Record) -> Recipient:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{name: row[name] for name in RECIPIENT_COLUMNS})
 
     def as_row(self) -> tuple[object, ...]:
         """Field values in `RECIPIENT_COLUMNS` order."""

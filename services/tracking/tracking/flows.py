@@ -98,7 +98,8 @@ async def apply_activity(
         data: EventData
         if event.kind == "open":
             record_open(r, rollup, at=event.at, machine=event.machine)
-            data = EmailOpened(
+            # Built from our own typed values: pydantic's validation would only repeat it.
+            data = EmailOpened.model_construct(
                 email_id=r.email_id,
                 message_id=r.message_id,
                 recipient=r.recipient or "",
@@ -122,7 +123,7 @@ async def apply_activity(
                 link_index=event.link_index,
                 url=event.url,
             )
-            data = EmailClicked(
+            data = EmailClicked.model_construct(
                 email_id=r.email_id,
                 message_id=r.message_id,
                 recipient=r.recipient or "",
@@ -134,7 +135,8 @@ async def apply_activity(
                 reason=event.reason,
                 user_agent=event.user_agent,
             )
-        envelopes.append(_envelope(data, r.account_id))
+        # The event is the activity: one id for both keeps a replayed one recognisable.
+        envelopes.append(_envelope(data, r.account_id, event.id))
     changed = {e.message_id for e in recorded}
     await store.save_engagement(conn, recipients=[recipients[m] for m in sorted(changed)])
     await store.save_links(conn, links=touched)
@@ -150,9 +152,9 @@ _ENVELOPES: dict[type[EventData], type[Envelope[Any]]] = {
 }
 
 
-def _envelope(data: EventData, account_id: uuid.UUID) -> Envelope[Any]:
+def _envelope(data: EventData, account_id: uuid.UUID, event_id: uuid.UUID) -> Envelope[Any]:
     return _ENVELOPES[type(data)].model_construct(
-        id=uuid.uuid4(),
+        id=event_id,
         type=data.TYPE,
         version=data.VERSION,
         occurred_at=datetime.now(UTC),

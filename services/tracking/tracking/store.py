@@ -739,20 +739,23 @@ async def series(
 ) -> list[asyncpg.Record]:
     """Counts per bucket: UTC hours (`interval` hour) or the account's local days."""
     args: list[Any] = [account_id, start, end]
-    table, where = "account_hourly", ""
+    hours = f"""SELECT hour, {_COUNTERS} FROM account_hourly
+                WHERE account_id = $1 AND hour >= $2 AND hour < $3"""
     if email_ids is not None:
+        # The emails' hours summed first: the local day is then worked out once per hour,
+        # not once per email and hour.
         args.append(list(email_ids))
-        table, where = "email_hourly", f" AND email_id = ANY(${len(args)}::uuid[])"
+        hours = f"""SELECT hour, {_SUMS} FROM email_hourly
+                    WHERE account_id = $1 AND hour >= $2 AND hour < $3
+                      AND email_id = ANY($4::uuid[])
+                    GROUP BY hour"""
     key = "hour"
     if interval == "day":
         args.append(timezone)
         key = f"(hour AT TIME ZONE ${len(args)}::text)::date"
     return list(
         await conn.fetch(
-            f"""SELECT {key} AS key, {_SUMS} FROM {table}
-                WHERE account_id = $1 AND hour >= $2 AND hour < $3{where}
-                GROUP BY 1 ORDER BY 1""",
-            *args,
+            f"SELECT {key} AS key, {_SUMS} FROM ({hours}) AS h GROUP BY 1 ORDER BY 1", *args
         )
     )
 
