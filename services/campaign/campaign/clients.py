@@ -47,13 +47,43 @@ async def _post(
     return response
 
 
+class _Owned(BaseModel):
+    unknown_list_ids: list[uuid.UUID]
+    unknown_contact_ids: list[uuid.UUID]
+
+
 class ContactsClient:
-    """`POST /internal/recipients` of the contacts service."""
+    """`POST /internal/recipients` and `/internal/owned` of the contacts service."""
 
     def __init__(self, http: httpx.AsyncClient, *, base_url: str, headers: dict[str, str]) -> None:
         self._http = http
         self._url = base_url.rstrip("/") + "/internal/recipients"
+        self._owned_url = base_url.rstrip("/") + "/internal/owned"
         self._headers = headers
+
+    async def unknown(
+        self,
+        *,
+        account_id: uuid.UUID,
+        list_ids: Sequence[uuid.UUID],
+        contact_ids: Sequence[uuid.UUID],
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+        """The list ids and contact ids that are not the account's."""
+        if not list_ids and not contact_ids:
+            return [], []
+        body = {
+            "account_id": str(account_id),
+            "list_ids": [str(i) for i in list_ids],
+            "contact_ids": [str(i) for i in contact_ids],
+        }
+        response = await _post(self._http, self._owned_url, body, self._headers)
+        if response.status_code != 200:
+            raise Unavailable(f"{self._owned_url}: HTTP {response.status_code}")
+        try:
+            owned = _Owned.model_validate_json(response.content)
+        except ValidationError:
+            raise Unavailable("contacts: unreadable answer") from None
+        return owned.unknown_list_ids, owned.unknown_contact_ids
 
     async def _page(
         self,

@@ -56,12 +56,34 @@ def _unavailable(exc: Exception) -> ApiError:
     return ApiError(503, "unavailable", f"the contacts service is unavailable: {exc}")
 
 
+async def _check_audience(
+    app: Campaign,
+    *,
+    account_id: uuid.UUID,
+    list_ids: list[uuid.UUID] | None,
+    contact_ids: list[uuid.UUID] | None,
+) -> None:
+    """404 naming the field when a list or contact given is not the account's."""
+    try:
+        lists, contacts = await app.contacts.unknown(
+            account_id=account_id, list_ids=list_ids or [], contact_ids=contact_ids or []
+        )
+    except Unavailable as exc:
+        raise _unavailable(exc) from None
+    for field, unknown, what in (("list_ids", lists, "list"), ("contact_ids", contacts, "contact")):
+        if unknown:
+            raise ApiError(404, "not_found", f"{what} {unknown[0]} not found", field=field)
+
+
 async def compose(
     app: Campaign, *, account_id: uuid.UUID, request: ComposeRequest
 ) -> asyncpg.Record:
     """Validate and store a new draft."""
     content = domain.prepare_content(request.subject, request.html, request.text)
     to = domain.addresses(request.to, "to")
+    await _check_audience(
+        app, account_id=account_id, list_ids=request.list_ids, contact_ids=request.contact_ids
+    )
     async with app.pool.acquire() as conn:
         sender = _sender(await store.get_sender(conn, account_id=account_id))
         from_email = (
@@ -125,6 +147,9 @@ async def update(
     for required in ("subject", "list_ids", "contact_ids", "to", "tags", "template_vars"):
         if required in given and getattr(request, required) is None:
             raise domain.invalid(required, "may not be null")
+    await _check_audience(
+        app, account_id=account_id, list_ids=request.list_ids, contact_ids=request.contact_ids
+    )
     async with app.pool.acquire() as conn, conn.transaction():
         row = await store.get_email(conn, account_id=account_id, email_id=email_id, lock=True)
         if row is None:

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, model_validator
 
 Status = Literal["draft", "scheduled", "queued", "sending", "sent", "cancelled", "failed"]
 Subject = Field(min_length=1, max_length=998, examples=["Hello {{ contact.first_name }}"])
+
+
+def _single_line(value: str) -> str:
+    # These end up in mail headers: a line break there would start a header of its own.
+    if "\r" in value or "\n" in value:
+        raise ValueError("must be a single line (no CR or LF)")
+    return value
+
+
+Line = Annotated[str, AfterValidator(_single_line)]
 HTML_EXAMPLE = (
     '<p>Hi {{ contact.first_name | default("there") }},</p>'
     "<p>Your plan: {{ contact.attributes.plan }}</p>"
@@ -26,32 +36,32 @@ class _Strict(BaseModel):
 class ComposeRequest(_Strict):
     """A new draft: templates, sender and audience."""
 
-    subject: str = Subject
+    subject: Line = Subject
     html: str | None = Field(None, max_length=MAX_BODY, examples=[HTML_EXAMPLE])
     text: str | None = Field(None, max_length=MAX_BODY)
-    from_name: str | None = Field(None, max_length=200, examples=["Acme News"])
+    from_name: Line | None = Field(None, max_length=200, examples=["Acme News"])
     from_email: EmailStr | None = Field(None, examples=["news@acme.example"])
     reply_to: EmailStr | None = None
     list_ids: list[uuid.UUID] = Field(default_factory=list, max_length=100)
     contact_ids: list[uuid.UUID] = Field(default_factory=list, max_length=1000)
     to: list[EmailStr] = Field(default_factory=list, max_length=1000)
-    tags: list[str] = Field(default_factory=list, max_length=20)
+    tags: list[Line] = Field(default_factory=list, max_length=20)
     template_vars: dict[str, Any] = Field(default_factory=dict)
 
 
 class PatchRequest(_Strict):
     """Changes to a draft; fields left out stay as they are."""
 
-    subject: str | None = Field(None, min_length=1, max_length=998)
+    subject: Line | None = Field(None, min_length=1, max_length=998)
     html: str | None = Field(None, max_length=MAX_BODY)
     text: str | None = Field(None, max_length=MAX_BODY)
-    from_name: str | None = Field(None, max_length=200)
+    from_name: Line | None = Field(None, max_length=200)
     from_email: EmailStr | None = None
     reply_to: EmailStr | None = None
     list_ids: list[uuid.UUID] | None = Field(None, max_length=100)
     contact_ids: list[uuid.UUID] | None = Field(None, max_length=1000)
     to: list[EmailStr] | None = Field(None, max_length=1000)
-    tags: list[str] | None = Field(None, max_length=20)
+    tags: list[Line] | None = Field(None, max_length=20)
     template_vars: dict[str, Any] | None = None
 
 
@@ -60,13 +70,13 @@ class SendRequest(_Strict):
 
     email_id: uuid.UUID | None = None
     to: list[EmailStr] | None = Field(None, min_length=1, max_length=1000)
-    subject: str | None = Field(None, min_length=1, max_length=998)
+    subject: Line | None = Field(None, min_length=1, max_length=998)
     html: str | None = Field(None, max_length=MAX_BODY)
     text: str | None = Field(None, max_length=MAX_BODY)
-    from_name: str | None = Field(None, max_length=200)
+    from_name: Line | None = Field(None, max_length=200)
     from_email: EmailStr | None = None
     reply_to: EmailStr | None = None
-    tags: list[str] = Field(default_factory=list, max_length=20)
+    tags: list[Line] = Field(default_factory=list, max_length=20)
     template_vars: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
 

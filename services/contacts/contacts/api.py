@@ -29,6 +29,8 @@ from contacts.schemas import (
     ListPatch,
     MembersChange,
     MembersChanged,
+    OwnedAnswer,
+    OwnedQuery,
     RecipientsPage,
     RecipientsQuery,
     Status,
@@ -615,6 +617,24 @@ async def recipients(body: RecipientsQuery, pool: Pool) -> RecipientsPage:
             "next_cursor": cursor,
         }
     )
+
+
+@router.post(
+    "/internal/owned",
+    response_model=OwnedAnswer,
+    dependencies=[Depends(internal_caller)],
+    include_in_schema=False,
+)
+async def owned(body: OwnedQuery, pool: Pool) -> OwnedAnswer:
+    """Which of the lists and contacts named are not the account's (an email's audience)."""
+    async with pool.acquire() as conn:
+        lists, contacts = await store.unknown_ids(
+            conn,
+            account_id=body.account_id,
+            list_ids=list(dict.fromkeys(body.list_ids)),
+            contact_ids=list(dict.fromkeys(body.contact_ids)),
+        )
+    return OwnedAnswer(unknown_list_ids=lists, unknown_contact_ids=contacts)
 
 
 @router.post(

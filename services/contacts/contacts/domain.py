@@ -104,6 +104,9 @@ def attribute_problem(attributes: Mapping[str, Any]) -> str | None:
 def name_problem(value: str | None) -> str | None:
     if value is not None and len(value) > MAX_NAME:
         return f"at most {MAX_NAME} characters"
+    # Names are rendered into subjects and greetings; a line break there could start a header.
+    if value is not None and ("\r" in value or "\n" in value):
+        return "must be a single line (no CR or LF)"
     return None
 
 

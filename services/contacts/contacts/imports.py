@@ -62,6 +62,9 @@ ENCODINGS = {
 }
 DELIMITERS = {",", ";", "\t", "|"}
 MAX_FIELD = 4 * 1024 * 1024
+# No contact's row is longer than the longest field may be (lines, not records: a quoted field
+# may span lines). More than the size inspect_file reads at a time.
+MAX_LINE = MAX_FIELD
 STOPPED = "the service stopped during the import; nothing was changed: upload the file again"
 DIED = (
     "the service running the import stopped or crashed part way; nothing was changed:"
@@ -234,8 +237,17 @@ def inspect_file(path: Path, options: Options) -> domain.ColumnPlan:
     """
     decoder = codecs.getincrementaldecoder(options.encoding)(errors="strict")
     line = 1
+    run = 0  # bytes since the last line break
     with path.open("rb") as raw:
         while chunk := raw.read(1 << 20):
+            # A line longer than a row may be is refused now, not half way through the job.
+            # Lines inside one chunk are shorter than MAX_LINE: only the one across chunks counts.
+            first = chunk.find(b"\n")
+            run += len(chunk) if first < 0 else first
+            if run > MAX_LINE:
+                raise _bad("file", f"line {line} is longer than {MAX_LINE} bytes: is it CSV?")
+            if first >= 0:
+                run = len(chunk) - chunk.rfind(b"\n") - 1
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as exc:

@@ -26,6 +26,12 @@ def _attributes(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
+def _name(value: str | None) -> str | None:
+    if problem := domain.name_problem(value):
+        raise ValueError(problem)
+    return value
+
+
 def _email(value: str) -> str:
     try:
         return domain.normalise_email(value)
@@ -45,6 +51,7 @@ class ContactCreate(_Strict):
     list_ids: list[uuid.UUID] = Field(default_factory=list, max_length=100)
 
     _check_email = field_validator("email")(_email)
+    _check_names = field_validator("first_name", "last_name")(_name)
     _check_attributes = field_validator("attributes")(_attributes)
 
 
@@ -65,6 +72,7 @@ class ContactPatch(_Strict):
     def _check_email(cls, value: str | None) -> str | None:
         return None if value is None else _email(value)
 
+    _check_names = field_validator("first_name", "last_name")(_name)
     _check_attributes = field_validator("attributes")(_attributes)
 
 
@@ -194,6 +202,19 @@ class Recipient(BaseModel):
 class RecipientsPage(BaseModel):
     items: list[Recipient]
     next_cursor: str | None
+
+
+class OwnedQuery(_Strict):
+    account_id: uuid.UUID
+    list_ids: list[uuid.UUID] = Field(default_factory=list, max_length=1000)
+    contact_ids: list[uuid.UUID] = Field(default_factory=list, max_length=10_000)
+
+
+class OwnedAnswer(BaseModel):
+    """The ids asked about that are not the account's (never were, or were deleted)."""
+
+    unknown_list_ids: list[uuid.UUID]
+    unknown_contact_ids: list[uuid.UUID]
 
 
 class SuppressedQuery(_Strict):

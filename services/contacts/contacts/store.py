@@ -398,6 +398,30 @@ async def suppressed_among(
     return {r["k"] for r in rows}
 
 
+async def unknown_ids(
+    conn: Conn,
+    *,
+    account_id: uuid.UUID,
+    list_ids: Sequence[uuid.UUID],
+    contact_ids: Sequence[uuid.UUID],
+) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Which of the list and contact ids are not the account's."""
+    lists = await conn.fetch(
+        "SELECT id FROM lists WHERE account_id = $1 AND id = ANY($2::uuid[])", account_id, list_ids
+    )
+    contacts = await conn.fetch(
+        "SELECT id FROM contacts WHERE account_id = $1 AND id = ANY($2::uuid[])",
+        account_id,
+        contact_ids,
+    )
+    found_lists = {r["id"] for r in lists}
+    found_contacts = {r["id"] for r in contacts}
+    return (
+        [i for i in list_ids if i not in found_lists],
+        [i for i in contact_ids if i not in found_contacts],
+    )
+
+
 async def recipients_page(
     conn: Conn,
     *,

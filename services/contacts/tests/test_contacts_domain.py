@@ -113,6 +113,8 @@ def test_rows_are_checked_and_shaped_for_staging():
         (["nope", "x", "y", "z"], "email", "'nope'"),
         (["a@example.com", "x" * 201, "", ""], "first_name", "at most"),
         (["a@example.com", "a\x00", "", ""], "row", "NUL"),
+        (["a@example.com", "Ann\r\nBcc: x@example.com", "", ""], "first_name", "single line"),
+        (["a@example.com", "", "Lee\nX-Injected: 1", ""], "last_name", "single line"),
     ]
     for fields, field, message in cases:
         error = domain.stage_row(plan, 7, fields)

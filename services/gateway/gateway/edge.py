@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.domain import Quota, RateLimiter
 from gateway.metrics import REJECTED
 from gateway.routes import is_upload
-from herald.errors import ApiError, error_json
+from herald.errors import ApiError, FieldError, error_json
 
 # For HTML the services forgot to protect: nothing runs, nothing loads from elsewhere.
 DEFAULT_PAGE_CSP = (
@@ -78,6 +79,27 @@ class EdgeMiddleware:
                 await refusal(scope, receive, send_secured)
                 return
 
+        undecodable = [
+            name
+            for name, raw in (
+                ("path", scope.get("raw_path") or b""),
+                ("query", scope["query_string"]),
+            )
+            if not _utf8(raw)
+        ]
+        if undecodable:
+            # The services would read such bytes as U+FFFD and answer as if something else
+            # had been asked.
+            REJECTED.labels("bad_request").inc()
+            refusal = error_json(
+                400,
+                "bad_request",
+                f"the {undecodable[0]} is not valid UTF-8 once percent-decoded",
+                [FieldError(field=name, message="not valid UTF-8") for name in undecodable],
+            )
+            await refusal(scope, receive, send_secured)
+            return
+
         limit = self.max_upload_bytes if is_upload(path) else self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -102,6 +124,14 @@ class EdgeMiddleware:
         if quota is not None:
             for name, value in quota.headers().items():
                 headers.setdefault(name, value)
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
