@@ -104,10 +104,14 @@ async def test_asyncapi_documents_every_topic_and_event(gateway: httpx.AsyncClie
     document = response.json()
     assert document["asyncapi"] == "3.0.0"
     addresses = {c["address"] for c in document["channels"].values()}
-    assert {cls.TOPIC for cls in EVENT_TYPES.values()} <= addresses
+    # The platform's own events: a test may register one of its own in this process.
+    platform_events = {
+        name: cls for name, cls in EVENT_TYPES.items() if cls.__module__.startswith("herald.")
+    }
+    assert {cls.TOPIC for cls in platform_events.values()} <= addresses
     assert "email.requests.dlq" in addresses
     names = {m["name"] for m in document["components"]["messages"].values()}
-    assert set(EVENT_TYPES) <= names
+    assert set(platform_events) <= names
     inbound = [o for o in document["operations"].values() if o["action"] == "receive"]
     assert [o["channel"]["$ref"] for o in inbound] == ["#/channels/emailRequests"]
     request_schema = document["components"]["schemas"]["SendRequested"]
