@@ -306,6 +306,16 @@ async def test_reports_are_cached_per_account_with_etags(
         assert fresh.json()["served"] > first.json()["served"]
         assert fresh.headers["etag"] != etag
 
+        # A send-only key of the same account is not served the full caller's cached answer.
+        user_id = uuid.uuid4()
+        full, send_only = (
+            bearer(mint_token(user_id)),
+            bearer(mint_token(user_id, scope="send")),
+        )
+        cached = await client.get("/reports", params=query, headers=address() | full)
+        narrow = await client.get("/reports", params=query, headers=address() | send_only)
+        assert narrow.json()["served"] != cached.json()["served"]
+
 
 async def test_the_jwks_is_cached_for_everyone_with_an_etag(edge_gateway: EdgeGateway):
     async with edge_gateway.client() as client:

@@ -199,7 +199,13 @@ async def forward(
     seconds = cache.seconds(shared=shared)
     if seconds <= 0:
         return await _relay(await _send(request, upstreams, service, caller), service)
-    owner = "*" if shared or caller is None else str(caller.principal.account_id)
+    # Per account and per scope: a send-only API key must not read what a full-access caller of
+    # the same account was answered (the service itself would refuse it with 403).
+    owner = (
+        "*"
+        if shared or caller is None
+        else f"{caller.principal.account_id}:{caller.principal.scope}"
+    )
     key = (owner, request.url.path, request.url.query, request.headers.get("accept", ""))
     now = time.monotonic()
     if not _no_cache(request):
