@@ -139,7 +139,6 @@ async def test_prometheus_scrapes_every_service_and_finds_the_key_series(
         await _until(gateway_rate, timeout=30)
 
 
-@pytest.mark.skipif(not ALERTS.is_file(), reason="deploy/prometheus/alerts.yml not written yet")
 async def test_alert_rules_load_and_evaluate_against_real_series(prometheus: Prometheus):
     async with httpx.AsyncClient(timeout=10) as client:
 

@@ -13,8 +13,8 @@ from typing import Literal
 
 from email_validator import EmailNotValidError, validate_email
 
-from campaign.templates import TemplateProblem, compile_email, html_to_text
 from herald.errors import ApiError
+from herald.templates import TemplateProblem, compile_email, html_to_text
 
 Status = Literal["draft", "scheduled", "queued", "sending", "sent", "cancelled", "failed"]
 Kind = Literal["campaign", "transactional", "system", "test"]

@@ -19,7 +19,6 @@ from campaign.clients import ContactsClient, Refused, Unavailable
 from campaign.config import Settings
 from campaign.metrics import EMAILS_COMPOSED, EMAILS_QUEUED, QUOTA_REFUSALS
 from campaign.schemas import ComposeRequest, PatchRequest, Preview, SendRequest
-from campaign.templates import TemplateProblem, compile_email, render_context
 from herald import outbox
 from herald.db import Conn
 from herald.errors import ApiError, not_found
@@ -27,6 +26,7 @@ from herald.events import Envelope
 from herald.events.campaign import Audience, EmailCancelled, EmailContent, EmailScheduled
 from herald.events.requests import SendRequested
 from herald.links import LinkSigner, UnsubscribeToken
+from herald.templates import TemplateProblem, compile_email, render_context
 
 Via = Literal["send", "schedule", "request", "test"]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from campaign.templates import TemplateProblem, compile_email, html_to_text, render_context
+from herald.templates import TemplateProblem, compile_email, html_to_text, render_context
 
 
 def _context(**contact: object) -> dict[str, object]:

@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 from dispatcher.dkim_signing import DkimSigner
 from dispatcher.domain import InvalidAddress, Mailbox, domain_of, mailbox
-from dispatcher.templates import TemplateProblem, compile_template, render_context
 from dispatcher.tokens import EmailTokens, TokenMint, message_part
 from herald.events.campaign import EmailContent
+from herald.templates import TemplateProblem, compile_template, render_context
 
 Kind = Literal["campaign", "transactional", "system"]
 

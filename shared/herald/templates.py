@@ -1,6 +1,5 @@
 """Email templates: one sandboxed Jinja2 setup for composing (campaign) and sending (dispatcher).
 
-A copy of the proposed `herald.templates`; keep the two identical until it moves to `shared/`.
 Subject and text render without escaping, HTML with autoescape, all in a `SandboxedEnvironment`
 so a template cannot reach Python internals. Every template sees the same context:
 `{"contact": {...}, "unsubscribe_url": ..., **template_vars}`. Contact fields that are unknown
