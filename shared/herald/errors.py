@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import asyncpg
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -114,9 +115,50 @@ async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_json(exc.status_code, code, str(exc.detail), headers=headers)
 
 
-async def _on_unstorable_text(_: Request, exc: Exception) -> JSONResponse:
+_NUL = "\x00"
+_NUL_MESSAGE = "must not contain NUL (U+0000) characters"
+
+
+def _nul_path(value: Any, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    """Where in a parsed JSON document a string (or a key) holds NUL, depth first."""
+    if isinstance(value, str):
+        return path if _NUL in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _NUL in str(key):
+                return (*path, str(key))
+            if (found := _nul_path(item, (*path, str(key)))) is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if (found := _nul_path(item, (*path, index))) is not None:
+                return found
+    return None
+
+
+def _nul_field(request: Request) -> str:
+    """The request field that carried the NUL: a path or query parameter, else in the body."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if _NUL in str(name) or _NUL in str(value):
+            return str(name)
+    # Only a body the route already read (cached on the request) is looked at: reading it
+    # here, after the route consumed the stream, would wait for a client that sent everything.
+    raw = getattr(request, "_body", None)
+    if isinstance(raw, bytes):
+        try:
+            found = _nul_path(orjson.loads(raw), ())
+        except (orjson.JSONDecodeError, RecursionError):  # not JSON, or absurdly deep
+            found = None
+        if found:
+            return _field_name(found)
+    return "body"
+
+
+async def _on_unstorable_text(request: Request, exc: Exception) -> JSONResponse:
     # PostgreSQL text cannot hold NUL; no field of ours needs it, so it is bad input, not a bug.
-    return error_json(422, "invalid_text", "text must not contain NUL (U+0000) characters")
+    field = _nul_field(request)
+    details = [FieldError(field=field, message=_NUL_MESSAGE)]
+    return error_json(422, "invalid_text", f"{field}: {_NUL_MESSAGE}", details)
 
 
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -87,24 +87,29 @@ class LinkSigner:
     def from_spec(cls, spec: str) -> LinkSigner:
         return cls(parse_keys(spec))
 
-    def _mac(self, kid: str, purpose: Purpose, payload: str) -> str:
+    def _mac(self, kid: str, purpose: Purpose, payload: str) -> bytes:
         digest = hmac.new(self._keys[kid], f"{purpose}.{payload}".encode(), hashlib.sha256)
-        return _b64(digest.digest()[:16])
+        return _b64(digest.digest()[:16]).encode()
 
     def sign(self, purpose: Purpose, token: _Token) -> str:
         """A URL-safe token for `token`'s fields."""
         payload = _b64(orjson.dumps(token.model_dump(mode="json", exclude_none=True)))
-        return f"{payload}.{self._current}.{self._mac(self._current, purpose, payload)}"
+        return f"{payload}.{self._current}.{self._mac(self._current, purpose, payload).decode()}"
 
     def verify(self, purpose: Purpose, text: str, model: type[T]) -> T | None:
         """The token's fields if it is genuine and meant for `purpose`; None otherwise."""
+        # A genuine token is base64url and an alphanumeric kid; anything else (non-ASCII, lone
+        # surrogates from a percent-decoded URL) is forged and must not reach the encoders.
+        if len(text) > 4096 or not text.isascii():
+            return None
         parts = text.split(".")
-        if len(parts) != 3 or len(text) > 4096:
+        if len(parts) != 3:
             return None
         payload, kid, mac = parts
         if kid not in self._keys:
             return None
-        if not hmac.compare_digest(mac, self._mac(kid, purpose, payload)):
+        # Bytes: compare_digest refuses str holding anything but ASCII with a TypeError.
+        if not hmac.compare_digest(mac.encode(), self._mac(kid, purpose, payload)):
             return None
         try:
             return model.model_validate(orjson.loads(_unb64(payload)))

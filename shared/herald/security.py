@@ -3,20 +3,22 @@
 Auth signs short-lived EdDSA JWTs and publishes its public keys at `/.well-known/jwks.json`; every
 service verifies tokens itself against those keys (fetched once, refreshed when an unknown `kid`
 appears), pinning the algorithm and checking issuer, audience and expiry. A token that is valid
-on its face can still be revoked: auth publishes `user.changed` when a user is disabled or logs
-out everywhere, and each service keeps the latest state per user in memory from that topic (read
-from the beginning, no consumer group: every replica needs every change).
+on its face can still be revoked: auth publishes `user.changed` when a user is disabled or their
+password reset, and `user.sessions_revoked` (on the same topic) when login sessions end (logout,
+a deleted session, a reused refresh token, a password change). Each service keeps what those say
+in memory (read from the topic's beginning, no consumer group: every replica needs every change).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +30,7 @@ from fastapi import Depends, Request
 
 from herald.errors import ApiError
 from herald.events import PoisonMessage, decode
-from herald.events.auth import UserChanged
+from herald.events.auth import SessionsRevoked, UserChanged
 from herald.kafka import client_options
 from herald.settings import BaseServiceSettings
 
@@ -59,20 +61,51 @@ class InvalidToken(Exception):
 
 
 class Revocations:
-    """Per user, the instant before which their tokens are void, as `user.changed` tells it.
+    """What makes a token valid on its face void: per user, the instant before which their tokens
+    are void (`user.changed`), and the login sessions that ended (`user.sessions_revoked`).
 
     Disabling a user moves that instant to now, and auth issues no token to a disabled user, so
-    this alone refuses every token of a disabled user without racing a later re-enable.
+    this alone refuses every token of a disabled user without racing a later re-enable. A session
+    is remembered only until the last access token it issued expires.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._valid_after: dict[uuid.UUID, float] = {}
+        self._sessions: dict[uuid.UUID, float] = {}
+        # (until, session id), soonest first: forgetting expired sessions costs O(log n) each.
+        self._expiries: list[tuple[float, uuid.UUID]] = []
 
-    def apply(self, change: UserChanged) -> None:
-        self._valid_after[change.user_id] = change.tokens_valid_after or 0.0
+    def apply(self, change: UserChanged | SessionsRevoked) -> None:
+        if isinstance(change, UserChanged):
+            self._valid_after[change.user_id] = change.tokens_valid_after or 0.0
+            return
+        now = self._clock()
+        self._forget_expired(now)
+        if change.tokens_expire_at <= now:
+            return  # read back from the topic's beginning: those tokens are dead anyway
+        for session_id in change.session_ids:
+            until = max(change.tokens_expire_at, self._sessions.get(session_id, 0.0))
+            self._sessions[session_id] = until
+            heapq.heappush(self._expiries, (until, session_id))
 
-    def revoked(self, user_id: uuid.UUID, issued_at: float) -> bool:
-        return issued_at < self._valid_after.get(user_id, 0.0)
+    def _forget_expired(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            until, session_id = heapq.heappop(self._expiries)
+            if self._sessions.get(session_id) == until:
+                del self._sessions[session_id]
+
+    def revoked(
+        self, user_id: uuid.UUID, issued_at: float, session_id: uuid.UUID | None = None
+    ) -> bool:
+        """Whether a token of `user_id` issued at `issued_at` (in `session_id`) is void."""
+        if issued_at < self._valid_after.get(user_id, 0.0):
+            return True
+        return session_id is not None and session_id in self._sessions
+
+    def refuses(self, principal: Principal) -> bool:
+        """Whether the verified `principal`'s token has been revoked since it was issued."""
+        return self.revoked(principal.user_id, principal.issued_at, principal.session_id)
 
 
 class TokenVerifier:
@@ -149,13 +182,13 @@ class TokenVerifier:
             )
         except (jwt.InvalidTokenError, ValueError, KeyError) as exc:
             raise InvalidToken(str(exc) or type(exc).__name__) from None
-        if self.revocations.revoked(principal.user_id, principal.issued_at):
+        if self.revocations.refuses(principal):
             raise InvalidToken("token revoked")
         return principal
 
 
 class RevocationWatcher:
-    """Feeds `Revocations` from `user.changed`, from the topic's beginning, until stopped."""
+    """Feeds `Revocations` from the `user.changed` topic, from its beginning, until stopped."""
 
     def __init__(self, settings: BaseServiceSettings, revocations: Revocations) -> None:
         self._settings = settings
@@ -211,7 +244,7 @@ class RevocationWatcher:
         except PoisonMessage as poison:
             log.warning("unreadable user.changed event", extra={"reason": poison.reason})
             return
-        if isinstance(envelope.data, UserChanged):
+        if isinstance(envelope.data, UserChanged | SessionsRevoked):
             self._revocations.apply(envelope.data)
 
 

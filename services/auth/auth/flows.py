@@ -21,7 +21,7 @@ from herald import outbox
 from herald.db import Conn
 from herald.errors import ApiError, not_found
 from herald.events import Envelope
-from herald.events.auth import UserChanged
+from herald.events.auth import SessionsRevoked, UserChanged
 from herald.security import Principal
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,26 @@ async def publish_user(conn: Conn, user: asyncpg.Record) -> None:
         tokens_valid_after=user["tokens_valid_after"] or None,
     )
     await outbox.write(conn, Envelope.wrap(change, account_id=user["id"]))
+
+
+def _token_lifetime(auth: Auth) -> timedelta:
+    return timedelta(seconds=auth.settings.access_token_ttl_seconds)
+
+
+async def publish_revoked_sessions(
+    conn: Conn, auth: Auth, *, user_id: uuid.UUID, session_ids: list[uuid.UUID]
+) -> None:
+    """Have every token verifier refuse these sessions' access tokens now, not at their expiry
+    (in the same transaction as the revocation)."""
+    if not session_ids:
+        return
+    revoked = SessionsRevoked(
+        user_id=user_id,
+        session_ids=session_ids,
+        # Every access token of these sessions was issued before now.
+        tokens_expire_at=time.time() + auth.settings.access_token_ttl_seconds,
+    )
+    await outbox.write(conn, Envelope.wrap(revoked, account_id=user_id))
 
 
 # Sign-up and email confirmation
@@ -355,7 +375,12 @@ async def refresh(auth: Auth, *, refresh_token: str) -> Tokens:
                 return await _tokens(conn, auth, user, row["session_id"])
         # Reuse: someone holds a copy of a rotated token. End the session for everyone.
         async with conn.transaction():
-            await store.revoke_session(conn, session_id=row["session_id"], user_id=row["user_id"])
+            if await store.revoke_session(
+                conn, session_id=row["session_id"], user_id=row["user_id"]
+            ):
+                await publish_revoked_sessions(
+                    conn, auth, user_id=row["user_id"], session_ids=[row["session_id"]]
+                )
             await store.audit(
                 conn,
                 actor_id=None,
@@ -370,8 +395,7 @@ async def logout(auth: Auth, *, principal: Principal) -> None:
     """End the session of the calling token."""
     if principal.session_id is None:
         raise ApiError(400, "no_session", "this token does not belong to a login session")
-    async with auth.pool.acquire() as conn:
-        await store.revoke_session(conn, session_id=principal.session_id, user_id=principal.user_id)
+    await _end_session(auth, user_id=principal.user_id, session_id=principal.session_id)
 
 
 async def sessions(auth: Auth, *, principal: Principal) -> list[dict[str, Any]]:
@@ -383,9 +407,16 @@ async def sessions(auth: Auth, *, principal: Principal) -> list[dict[str, Any]]:
 
 async def end_session(auth: Auth, *, principal: Principal, session_id: uuid.UUID) -> None:
     """Revoke one of the caller's sessions."""
-    async with auth.pool.acquire() as conn:
-        if not await store.revoke_session(conn, session_id=session_id, user_id=principal.user_id):
-            raise not_found("session")
+    if not await _end_session(auth, user_id=principal.user_id, session_id=session_id):
+        raise not_found("session")
+
+
+async def _end_session(auth: Auth, *, user_id: uuid.UUID, session_id: uuid.UUID) -> bool:
+    async with auth.pool.acquire() as conn, conn.transaction():
+        if not await store.revoke_session(conn, session_id=session_id, user_id=user_id):
+            return False
+        await publish_revoked_sessions(conn, auth, user_id=user_id, session_ids=[session_id])
+        return True
 
 
 # MFA management
@@ -498,7 +529,13 @@ async def change_password(
     new_hash = await passwords.hash_password(new)
     async with auth.pool.acquire() as conn, conn.transaction():
         await store.update_user(conn, user_id=user["id"], password_hash=new_hash)
-        await store.revoke_sessions(conn, user_id=user["id"], except_session=principal.session_id)
+        ended = await store.revoke_sessions(
+            conn,
+            user_id=user["id"],
+            tokens_since=_token_lifetime(auth),
+            except_session=principal.session_id,
+        )
+        await publish_revoked_sessions(conn, auth, user_id=user["id"], session_ids=ended)
         await store.audit(
             conn, actor_id=user["id"], action="password_changed", target_id=user["id"], ip=client.ip
         )
@@ -554,7 +591,7 @@ async def reset_password(auth: Auth, *, token: str, new_password: str, client: C
             # The link proved control of the address.
             email_verified=True,
         )
-        await store.revoke_sessions(conn, user_id=user["id"])
+        await store.revoke_sessions(conn, user_id=user["id"], tokens_since=_token_lifetime(auth))
         await store.clear_throttle(conn, keys=[f"login:{user['email']}"])
         await publish_user(conn, user)
         await store.audit(
@@ -700,7 +737,7 @@ async def admin_update_user(
             return user
         updated = await store.update_user(conn, user_id=user_id, **columns)
         if columns.get("status") == "disabled":
-            await store.revoke_sessions(conn, user_id=user_id)
+            await store.revoke_sessions(conn, user_id=user_id, tokens_since=_token_lifetime(auth))
         await publish_user(conn, updated)
         await store.audit(
             conn,
@@ -720,7 +757,7 @@ async def admin_reset_password(
     async with auth.pool.acquire() as conn, conn.transaction():
         user = await _user(conn, user_id, lock=True)
         await _mail_reset(conn, auth, user)
-        await store.revoke_sessions(conn, user_id=user_id)
+        await store.revoke_sessions(conn, user_id=user_id, tokens_since=_token_lifetime(auth))
         updated = await store.update_user(conn, user_id=user_id, tokens_valid_after=time.time())
         await publish_user(conn, updated)
         await store.audit(

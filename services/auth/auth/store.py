@@ -232,16 +232,25 @@ async def revoke_session(conn: Conn, *, session_id: uuid.UUID, user_id: uuid.UUI
 
 
 async def revoke_sessions(
-    conn: Conn, *, user_id: uuid.UUID, except_session: uuid.UUID | None = None
-) -> int:
-    """Revoke every live session of a user (but one); returns how many."""
-    status: str = await conn.execute(
-        """UPDATE sessions SET revoked_at = now()
-           WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2""",
+    conn: Conn,
+    *,
+    user_id: uuid.UUID,
+    tokens_since: timedelta,
+    except_session: uuid.UUID | None = None,
+) -> list[uuid.UUID]:
+    """Revoke every live session of a user (but one); the ids of those that issued an access
+    token within `tokens_since` (whose tokens may still be unexpired)."""
+    rows = await conn.fetch(
+        """WITH revoked AS (
+               UPDATE sessions SET revoked_at = now()
+               WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2
+               RETURNING id, last_used_at)
+           SELECT id FROM revoked WHERE last_used_at > now() - $3::interval""",
         user_id,
         except_session,
+        tokens_since,
     )
-    return int(status.split()[-1])
+    return [row["id"] for row in rows]
 
 
 async def live_sessions(conn: Conn, *, user_id: uuid.UUID) -> list[asyncpg.Record]:

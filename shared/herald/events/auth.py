@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import ClassVar, Literal
 
+from pydantic import Field
+
 from herald.events._envelope import EventData, event
 
 
@@ -31,6 +33,25 @@ class UserChanged(EventData):
     daily_send_quota: int | None = None
     # Tokens issued before this instant (Unix seconds) are no longer honoured.
     tokens_valid_after: float | None = None
+
+    def partition_key(self) -> str:
+        return str(self.user_id)
+
+
+@event
+class SessionsRevoked(EventData):
+    """Login sessions of a user ended (logout, a session deleted, a reused refresh token, a
+    password change). Token verifiers refuse access tokens carrying one of `session_ids` as
+    `sid` at once, until `tokens_expire_at`, after which no token of those sessions is valid."""
+
+    TYPE: ClassVar[str] = "user.sessions_revoked"
+    # The same topic and key as `user.changed`: one feed, in order, for every token verifier.
+    TOPIC: ClassVar[str] = "user.changed"
+
+    user_id: uuid.UUID
+    session_ids: list[uuid.UUID] = Field(min_length=1)
+    # Unix seconds: the latest expiry of an access token these sessions issued.
+    tokens_expire_at: float
 
     def partition_key(self) -> str:
         return str(self.user_id)
