@@ -2,14 +2,17 @@
 
 Run: `.venv/bin/python bench/scheduler_fanout.py [--contacts 100000] [--batch-size 500]`.
 
-It starts the embedded PostgreSQL and broker (or uses DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS),
-serves the contacts service's internal recipients port from an in-process HTTP app over the
-generated list (real HTTP and JSON, keyset pages), and measures in one run:
+It starts the embedded PostgreSQL and broker, the auth and contacts services as processes, and
+imports the list through the contacts API (CSV upload with `list_id`); 100
+members then unsubscribe by their one-click link. The fan-out resolves that list through the
+real contacts service (`/internal/recipients` over HTTP, keyset pages). Measured in one run:
 
-1. baseline, raw producer: the same DispatchBatch payloads sent straight to Kafka;
-2. baseline, bare outbox: the same payloads inserted into the outbox, one transaction a batch;
-3. the scheduler: a due timer fired, the audience fetched page by page over HTTP and written as
-   batches with their progress (the real TimerPoller and FanoutRunner), then published by the
+1. baseline, bare outbox: the same DispatchBatch payloads inserted into the outbox, one
+   transaction a batch (what the fan-out writes, without resolving anybody);
+2. baseline, contacts paging: the same pages of the list asked of the contacts service alone;
+3. baseline, raw producer: the same payloads sent straight to Kafka;
+4. the scheduler: a due timer fired, the audience fetched page by page from contacts and written
+   as batches with their progress (the real TimerPoller and FanoutRunner), then published by the
    outbox relay: recipients/s from the timer firing to the last batch acknowledged by Kafka.
 """
 
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -26,22 +28,19 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
-import orjson
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
 
+from auth.tokens import SigningKey, issue_access_token
 from herald import db, migrations, outbox
 from herald.devinfra.process import free_port
-from herald.devinfra.stack import Stack, StackConfig
+from herald.devinfra.stack import SERVICES, Stack, StackConfig
 from herald.events import Envelope
 from herald.events.campaign import Audience, EmailContent, EmailScheduled
 from herald.events.scheduler import DispatchBatch, Recipient
 from herald.kafka import create_producer
+from herald.links import LinkSigner, UnsubscribeToken
 from herald.settings import BaseServiceSettings
 from scheduler.contacts import ContactsClient
 from scheduler.fanout import FanoutRunner, TimerPoller
@@ -52,81 +51,110 @@ CONTENT = EmailContent(
     html="<p>Hi {{ contact.first_name }}, your plan is {{ contact.attributes.plan }}.</p>" * 5,
     from_email="news@example.com",
 )
+UNSUBSCRIBED = 100
 
 
-def people(n: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "email": f"person{i:07d}@example.com",
-            "contact_id": str(uuid.UUID(int=i + 1)),
-            "first_name": f"First{i}",
-            "last_name": f"Last{i}",
-            "attributes": {"plan": "pro" if i % 3 else "free", "n": i},
-        }
-        for i in range(n)
-    ]
+def address(i: int) -> str:
+    return f"person{i:07d}@example.com"
 
 
-def contacts_app(audience: list[dict[str, Any]]) -> FastAPI:
-    """The contacts service's `/internal/recipients` over a fixed audience."""
-    app = FastAPI()
+def write_csv(path: Path, total: int) -> None:
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write("email,first_name,last_name,plan\r\n")
+        for i in range(total):
+            out.write(f"{address(i)},First{i},Last{i},{'pro' if i % 3 else 'free'}\r\n")
 
-    @app.post("/internal/recipients")
-    async def recipients(request: Request) -> Response:
-        body = orjson.loads(await request.body())
-        start = int(body["after"]) if body["after"] else 0
-        items = audience[start : start + int(body["limit"])]
-        end = start + len(items)
-        cursor = str(end) if end < len(audience) else None
-        return Response(
-            orjson.dumps({"items": items, "next_cursor": cursor}), media_type="application/json"
+
+class Platform:
+    """The stack, and an account whose list was imported through the contacts API."""
+
+    def __init__(self, stack: Stack, account_id: uuid.UUID, list_id: uuid.UUID) -> None:
+        self.stack = stack
+        self.account_id = account_id
+        self.list_id = list_id
+
+    def contacts(self, http: httpx.AsyncClient) -> ContactsClient:
+        return ContactsClient(
+            http,
+            base_url=self.stack.url("contacts"),
+            headers={"X-Internal-Token": self.stack.secrets["INTERNAL_TOKEN"]},
         )
 
-    @app.post("/internal/suppressed")
-    async def suppressed() -> dict[str, list[str]]:
-        return {"suppressed": []}
 
-    return app
+async def import_list(stack: Stack, account_id: uuid.UUID, total: int) -> tuple[uuid.UUID, float]:
+    """A list of `total` contacts imported by CSV, less UNSUBSCRIBED who unsubscribed."""
+    key = SigningKey.from_pem(stack.secrets["JWT_PRIVATE_KEY"])
+    token = issue_access_token(
+        key,
+        user_id=account_id,
+        role="user",
+        issuer="herald",
+        audience="herald-api",
+        ttl_seconds=3600,
+    ).token
+    headers = {"Authorization": f"Bearer {token}"}
+    csv_path = stack.config.data_dir / "list.csv"
+    await asyncio.to_thread(write_csv, csv_path, total)
+    async with httpx.AsyncClient(base_url=stack.url("contacts"), timeout=600) as client:
+        created = await client.post("/lists", json={"name": "bench"}, headers=headers)
+        created.raise_for_status()
+        list_id = uuid.UUID(created.json()["id"])
+        started = time.perf_counter()
+        with csv_path.open("rb") as file:
+            response = await client.post(
+                "/contacts/import",
+                headers=headers,
+                files={"file": ("list.csv", file, "text/csv")},
+                data={"list_id": str(list_id)},
+            )
+        response.raise_for_status()
+        job_id = response.json()["job_id"]
+        while True:
+            job = (await client.get(f"/contacts/import/{job_id}", headers=headers)).json()
+            if job["status"] in ("succeeded", "failed"):
+                break
+            await asyncio.sleep(0.2)
+        if job["status"] != "succeeded" or job["created"] != total:
+            raise SystemExit(f"import failed: {job}")
+        imported = time.perf_counter() - started
+        signer = LinkSigner.from_spec(stack.secrets["LINK_SIGNING_KEYS"])
+        for i in range(0, total, max(total // UNSUBSCRIBED, 1))[:UNSUBSCRIBED]:
+            link = signer.sign("unsubscribe", UnsubscribeToken(a=account_id, r=address(i)))
+            answer = await client.post(
+                f"/unsubscribe/{link}",
+                content=b"List-Unsubscribe=One-Click",
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            answer.raise_for_status()
+    return list_id, imported
 
 
 @contextlib.asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-@contextlib.asynccontextmanager
-async def infrastructure() -> AsyncIterator[tuple[str, str]]:
-    if os.environ.get("DATABASE_URL") and os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["DATABASE_URL"], os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
+async def platform(total: int) -> AsyncIterator[tuple[Platform, float]]:
     data_dir = Path(tempfile.mkdtemp(prefix="herald-bench-"))
-    os.chmod(data_dir, 0o755)  # noqa: S103 - readable by PostgreSQL's own user
+    data_dir.chmod(0o755)  # readable by PostgreSQL's own user
     stack = Stack(
         StackConfig(
             data_dir=data_dir,
+            service_ports={s: free_port() for s in SERVICES},
             pg_port=free_port(),
             broker_port=free_port(),
             sink_smtp_port=free_port(),
             sink_http_port=free_port(),
             durable=False,
             kafka_partitions=6,
+            env={"CONTACTS_IMPORT_DIR": str(data_dir / "imports")},
         )
     )
     try:
         await stack.start_infrastructure()
-        await stack.create_topics()
-        yield stack.database_url, stack.kafka_bootstrap_servers
+        await asyncio.gather(stack.create_topics(), stack.migrate())
+        for name in ("auth", "contacts"):
+            await stack.start_service(name)
+        await stack.wait_ready(90, ["auth", "contacts"])
+        account_id = uuid.uuid4()
+        list_id, imported = await import_list(stack, account_id, total)
+        yield Platform(stack, account_id, list_id), imported
     finally:
         await stack.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -152,7 +180,28 @@ async def drop_schema(dsn: str, schema: str) -> None:
         await conn.close()
 
 
-def batches(audience: list[dict[str, Any]], size: int) -> list[Envelope[DispatchBatch]]:
+async def resolved(where: Platform, batch_size: int) -> tuple[list[Recipient], float]:
+    """The list's active members as contacts serves them page by page, and the seconds taken."""
+    members: list[Recipient] = []
+    cursor: str | None = None
+    async with httpx.AsyncClient(timeout=60) as http:
+        contacts = where.contacts(http)
+        started = time.perf_counter()
+        while True:
+            page = await contacts.recipients(
+                account_id=where.account_id,
+                list_ids=[where.list_id],
+                contact_ids=[],
+                after=cursor,
+                limit=batch_size,
+            )
+            members += page.items
+            if page.next_cursor is None:
+                return members, time.perf_counter() - started
+            cursor = page.next_cursor
+
+
+def batches(members: list[Recipient], size: int) -> list[Envelope[DispatchBatch]]:
     email_id = uuid.uuid4()
     return [
         Envelope.wrap(
@@ -161,11 +210,11 @@ def batches(audience: list[dict[str, Any]], size: int) -> list[Envelope[Dispatch
                 batch_no=n,
                 kind="campaign",
                 content=CONTENT,
-                recipients=[Recipient.model_validate(p) for p in audience[i : i + size]],
+                recipients=members[i : i + size],
             ),
             account_id=uuid.uuid4(),
         )
-        for n, i in enumerate(range(0, len(audience), size))
+        for n, i in enumerate(range(0, len(members), size))
     ]
 
 
@@ -199,8 +248,10 @@ async def bare_outbox(dsn: str, envelopes: list[Envelope[DispatchBatch]]) -> flo
 
 
 async def scheduler_fanout(
-    dsn: str, settings: BaseServiceSettings, contacts_url: str, total: int, batch_size: int
+    where: Platform, settings: BaseServiceSettings, expected: int, batch_size: int
 ) -> tuple[float, float]:
+    """(seconds until every batch was written, seconds until Kafka acknowledged the last)."""
+    dsn = where.stack.database_url
     schema = await fresh_schema(dsn)
     pool = await db.create_pool(dsn, schema=schema, max_size=4)
     producer = create_producer(settings)
@@ -209,23 +260,20 @@ async def scheduler_fanout(
     relay_task = asyncio.create_task(relay.run())
     try:
         async with httpx.AsyncClient(timeout=60) as http:
-            contacts = ContactsClient(
-                http, base_url=contacts_url, headers={"X-Internal-Token": "x"}
-            )
             event = EmailScheduled(
                 email_id=uuid.uuid4(),
                 revision=1,
                 send_at=datetime.now(UTC) - timedelta(seconds=1),
                 kind="campaign",
                 content=CONTENT,
-                audience=Audience(list_ids=[uuid.uuid4()]),
+                audience=Audience(list_ids=[where.list_id]),
             )
             async with pool.acquire() as conn, conn.transaction():
                 await when_email_scheduled_set_timer(
-                    Envelope.wrap(event, account_id=uuid.uuid4()), conn
+                    Envelope.wrap(event, account_id=where.account_id), conn
                 )
             runner = FanoutRunner(
-                pool=pool, contacts=contacts, batch_size=batch_size, lease_seconds=60
+                pool=pool, contacts=where.contacts(http), batch_size=batch_size, lease_seconds=60
             )
             started = time.perf_counter()
             assert await TimerPoller(pool=pool, poll_interval=0.1).fire_due() == 1
@@ -234,7 +282,7 @@ async def scheduler_fanout(
             async with pool.acquire() as conn:
                 progress = await conn.fetchrow("SELECT state, total FROM fanouts")
                 assert progress is not None
-                assert tuple(progress) == ("completed", total), progress
+                assert tuple(progress) == ("completed", expected), progress
                 while await outbox.backlog(conn):  # noqa: ASYNC110 - the relay signals nothing
                     await asyncio.sleep(0.01)
             return written, time.perf_counter() - started
@@ -246,29 +294,35 @@ async def scheduler_fanout(
         await drop_schema(dsn, schema)
 
 
+def rate(what: str, recipients: int, seconds: float) -> None:
+    print(f"{what:<34}{recipients / seconds:10,.0f} recipients/s ({seconds:.2f} s)")
+
+
 async def main(total: int, batch_size: int) -> None:
-    audience = people(total)
-    async with infrastructure() as (dsn, kafka), serve(contacts_app(audience)) as contacts_url:
-        settings = BaseServiceSettings(kafka_bootstrap_servers=kafka, database_url=dsn)
-        envelopes = batches(audience, batch_size)
+    async with platform(total) as (where, imported):
+        print(f"{total:,} contacts imported through the contacts API in {imported:.1f} s")
+        dsn = where.stack.database_url
+        settings = BaseServiceSettings(
+            kafka_bootstrap_servers=where.stack.kafka_bootstrap_servers, database_url=dsn
+        )
+        members, paged = await resolved(where, batch_size)
+        active = len(members)
+        assert active == total - UNSUBSCRIBED, active
+        envelopes = batches(members, batch_size)
         size = sum(len(e.to_bytes()) for e in envelopes)
         print(
-            f"{total} recipients in {len(envelopes)} batches of {batch_size} ({size / 1e6:.1f} MB)"
+            f"{active:,} active members ({UNSUBSCRIBED} unsubscribed) in {len(envelopes)} batches"
+            f" of {batch_size} ({size / 1e6:.1f} MB)"
         )
-        produced = await raw_producer(settings, envelopes)
-        print(f"baseline raw producer:   {total / produced:10,.0f} recipients/s ({produced:.2f} s)")
-        inserted = await bare_outbox(dsn, envelopes)
-        print(f"baseline bare outbox:    {total / inserted:10,.0f} recipients/s ({inserted:.2f} s)")
-        written, published = await scheduler_fanout(dsn, settings, contacts_url, total, batch_size)
-        print(
-            f"scheduler fan-out:       {total / written:10,.0f} recipients/s written"
-            f" ({written:.2f} s)"
-        )
-        print(
-            f"  … and published:       {total / published:10,.0f} recipients/s ({published:.2f} s)"
-        )
-        print(f"fan-out / bare outbox:   {inserted / written:10.2f}")
-        print(f"published / raw producer:{produced / published:10.2f}")
+        rate("baseline, bare outbox insert:", active, inserted := await bare_outbox(dsn, envelopes))
+        rate("baseline, contacts paging alone:", active, paged)
+        rate("baseline, raw producer:", active, produced := await raw_producer(settings, envelopes))
+        written, published = await scheduler_fanout(where, settings, active, batch_size)
+        rate("scheduler fan-out, written:", active, written)
+        rate("  … and published to Kafka:", active, published)
+        print(f"fan-out / bare outbox insert:     {inserted / written:10.2f}")
+        print(f"fan-out / (paging + outbox):      {(paged + inserted) / written:10.2f}")
+        print(f"published / raw producer:         {produced / published:10.2f}")
 
 
 if __name__ == "__main__":
