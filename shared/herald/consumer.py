@@ -7,6 +7,12 @@ batch is retried event by event, so one bad event cannot hold back its neighbour
 whose handler keeps failing is dead-lettered after `max_attempts`. An unreachable database is
 not the event's fault: that is retried, without committing, until it comes back. Offsets are
 committed only after the effects are durable.
+
+A broker that lost its log (the embedded one keeps nothing across a restart) answers a fetch at
+the committed position with nothing and a high-water mark below it, instead of an out-of-range
+error: the runner notices a position beyond the high-water mark and reads the partition again
+from its beginning, where the producers' relays publish what was lost. A batch fetched before
+the group rebalanced is not committed after it (its offsets may be the lost log's).
 """
 
 from __future__ import annotations
@@ -20,8 +26,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from prometheus_client import Counter
 
 from herald import db, inbox, logs
 from herald.db import Conn
@@ -32,8 +45,27 @@ from herald.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
 
+CONSUMER_RESETS = Counter(
+    "herald_consumer_resets_total",
+    "Partitions read again from the beginning because the broker's log ended before our position",
+    ["group", "topic"],
+)
+
 Handler = Callable[[Envelope[Any], Conn], Awaitable[None]]
 Handlers = Mapping[type[EventData], Sequence[Handler]]
+
+
+class _Rebalances(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Counts the group's rebalances, so a batch fetched before one is not committed after it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def on_partitions_revoked(self, revoked: object) -> None:
+        self.count += 1
+
+    async def on_partitions_assigned(self, assigned: object) -> None:
+        self.count += 1
 
 
 class ConsumerRunner:
@@ -87,7 +119,6 @@ class ConsumerRunner:
 
     async def _consume(self) -> None:
         consumer = AIOKafkaConsumer(
-            *self.topics,
             **client_options(self._settings),
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -97,14 +128,22 @@ class ConsumerRunner:
             heartbeat_interval_ms=max(self._settings.kafka_session_timeout_ms // 6, 100),
         )
         await consumer.start()
+        rebalances = _Rebalances()
+        consumer.subscribe(self.topics, listener=rebalances)
         self._consumer = consumer
         self.running = True
         try:
             while not self._stopping.is_set():
+                generation = rebalances.count
                 batches = await consumer.getmany(timeout_ms=300, max_records=self._max_batch)
                 for tp, records in batches.items():
                     if not await self._process(tp, records):
                         return  # stopping while the database was down: leave offsets as they are
+                    if rebalances.count != generation:
+                        # Fetched before the group changed: its offsets may belong to a log the
+                        # broker has since lost, and committing them would skip the new log's
+                        # head. The partition's new owner reads these again; the inbox skips them.
+                        continue
                     await self._commit(consumer, tp, records[-1].offset + 1)
                 await self._record_lag(consumer)
         finally:
@@ -127,7 +166,11 @@ class ConsumerRunner:
             highwater = consumer.highwater(tp)
             if highwater is None:
                 continue
-            behind = max(highwater - await consumer.position(tp), 0)
+            position = await consumer.position(tp)
+            if position > highwater:
+                await self._rewind(consumer, tp, position, highwater)
+                position = 0
+            behind = highwater - position
             CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(behind)
             seen.add((tp.topic, str(tp.partition)))
             lag[tp.topic] = lag.get(tp.topic, 0) + behind
@@ -136,6 +179,24 @@ class ConsumerRunner:
             CONSUMER_LAG.remove(self.group_id, topic, partition)
         self._lag_labels = seen
         self.lag = lag
+
+    async def _rewind(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, position: int, highwater: int
+    ) -> None:
+        # Offsets never go back in a log that kept its records: the broker lost them. Reading the
+        # partition from the start costs nothing more than duplicates, which the inbox skips.
+        log.warning(
+            "the broker lost this partition's log; reading it again from the beginning",
+            extra={
+                "group": self.group_id,
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "position": position,
+                "highwater": highwater,
+            },
+        )
+        CONSUMER_RESETS.labels(self.group_id, tp.topic).inc()
+        await consumer.seek_to_beginning(tp)
 
     async def _process(self, tp: TopicPartition, records: Sequence[ConsumerRecord]) -> bool:
         """Handle one partition's batch; False if stopped before its effects were durable."""

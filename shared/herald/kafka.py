@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.offset import OffsetRequest
 
 from herald.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+_LATEST = -1  # ListOffsets "timestamp" asking for the log-end offset
 
 
 def client_options(settings: BaseServiceSettings) -> dict[str, Any]:
@@ -84,3 +88,36 @@ async def broker_reachable(producer: AIOKafkaProducer, timeout: float = 2.0) -> 
     except (KafkaError, TimeoutError, OSError):
         return False
     return True
+
+
+async def end_offsets(
+    producer: AIOKafkaProducer, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The log-end offset of each partition, asked of its leader over the producer's connections.
+
+    Partitions whose leader is unknown or that answer with an error (a topic not created again yet
+    after a broker restart) are left out: the caller asks again later.
+    """
+    client = producer.client
+    await client.force_metadata_update()
+    by_leader: defaultdict[int, defaultdict[str, list[tuple[int, int]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for tp in partitions:
+        leader = client.cluster.leader_for_partition(tp)
+        if leader is None or leader < 0:
+            client.add_topic(tp.topic)
+            continue
+        by_leader[leader][tp.topic].append((tp.partition, _LATEST))
+    ends: dict[TopicPartition, int] = {}
+    for leader, topics in by_leader.items():
+        response = await client.send(leader, OffsetRequest(-1, 0, list(topics.items())))
+        for topic, answers in response.topics:
+            for partition, error_code, *info in answers:
+                if error_code != 0:
+                    continue
+                # v0 answers a list of offsets; later versions (timestamp, offset[, epoch]).
+                offset = (info[0] or [None])[0] if response.API_VERSION == 0 else info[1]
+                if offset is not None and offset >= 0:
+                    ends[TopicPartition(topic, partition)] = offset
+    return ends

@@ -3,29 +3,53 @@
 `write` inserts into the service's `outbox` table inside the caller's transaction, so an event
 exists if and only if its state change committed. One relay per service (a Postgres advisory
 lock elects it among replicas, which keeps per-key order) publishes pending rows, waits for the
-broker's acknowledgement, and only then deletes them. A relay that dies between publishing and
-deleting publishes those rows again: delivery is at least once, and consumers deduplicate by
-event id in their inbox.
+broker's acknowledgement, and only then marks them published, with the partition and offset the
+broker gave each. A relay that dies between publishing and marking publishes those rows again:
+delivery is at least once, and consumers deduplicate by event id in their inbox.
+
+Published rows are kept for `OUTBOX_RETENTION_HOURS`, because a broker can lose what it
+acknowledged: the embedded one keeps nothing across a restart, and Kafka loses a log to a topic
+deleted and created again or an unclean leader election. The relay notices a partition whose log
+went back (a new acknowledgement at or below an offset it was given before, or the log's end at or
+below its latest publication there) and queues that partition's retained rows again.
+`republish` (and `python -m herald.outbox republish --since 15m`) does the same by time, for an
+operator.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+import os
+import re
+import time
+from collections.abc import Collection, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
+from prometheus_client import Counter
 
 from herald import db, logs
 from herald.db import Conn
 from herald.events import Envelope
+from herald.kafka import end_offsets
 from herald.metrics import EVENTS_PUBLISHED, OUTBOX_BACKLOG
 
 log = logging.getLogger(__name__)
+
+DEFAULT_RETENTION_HOURS = 72
+
+OUTBOX_REPUBLISHED = Counter(
+    "herald_outbox_republished_total",
+    "Published events queued again because the broker lost them",
+)
 
 
 def _row(envelope: Envelope[Any]) -> tuple[Any, ...]:
@@ -69,37 +93,104 @@ async def pending(conn: Conn, *, limit: int) -> list[asyncpg.Record]:
     """The oldest unpublished events, in the order they were written."""
     return list(
         await conn.fetch(
-            "SELECT seq, topic, key, payload, headers FROM outbox ORDER BY seq LIMIT $1", limit
+            """SELECT seq, topic, key, payload, headers FROM outbox
+               WHERE published_at IS NULL ORDER BY seq LIMIT $1""",
+            limit,
         )
     )
 
 
-async def publish(producer: AIOKafkaProducer, rows: Sequence[asyncpg.Record]) -> None:
-    """Send every row and wait until the broker acknowledged all of them."""
+async def publish(
+    producer: AIOKafkaProducer, rows: Sequence[asyncpg.Record]
+) -> list[RecordMetadata]:
+    """Send every row and wait until the broker acknowledged all of them; their acknowledgements."""
     futures = []
     for row in rows:
         headers = [(name, str(value).encode()) for name, value in row["headers"]]
         futures.append(
             await producer.send(row["topic"], value=row["payload"], key=row["key"], headers=headers)
         )
-    await asyncio.gather(*futures)
+    acks: list[RecordMetadata] = await asyncio.gather(*futures)
     for row in rows:
         EVENTS_PUBLISHED.labels(row["topic"]).inc()
+    return acks
 
 
-async def mark_published(conn: Conn, *, seqs: Sequence[int]) -> None:
-    """Forget rows the broker has acknowledged."""
-    await conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", list(seqs))
+async def mark_published(
+    conn: Conn, *, seqs: Sequence[int], acks: Sequence[RecordMetadata]
+) -> None:
+    """Record that the broker acknowledged these rows, and where it put each."""
+    await conn.execute(
+        """UPDATE outbox SET published_at = now(), kafka_partition = a.p, kafka_offset = a.o
+           FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS a(s, p, o)
+           WHERE outbox.seq = a.s""",
+        list(seqs),
+        [a.partition for a in acks],
+        [a.offset for a in acks],
+    )
 
 
 async def backlog(conn: Conn) -> int:
     """How many events wait for publication."""
-    count: int = await conn.fetchval("SELECT count(*) FROM outbox")
+    count: int = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
     return count
 
 
+async def republish(
+    conn: Conn, since: datetime | None, *, partitions: Collection[TopicPartition] | None = None
+) -> int:
+    """Queue again the events published at or after `since` (None: all retained), optionally only
+    those put on `partitions`; returns how many. Safe: consumers skip event ids they have seen."""
+    topics = [tp.topic for tp in partitions or ()]
+    numbers = [tp.partition for tp in partitions or ()]
+    async with conn.transaction():
+        status: str = await conn.execute(
+            """UPDATE outbox SET published_at = NULL, kafka_partition = NULL, kafka_offset = NULL
+               WHERE published_at IS NOT NULL
+                 AND ($1::timestamptz IS NULL OR published_at >= $1)
+                 AND ($2::boolean OR (topic, kafka_partition) IN (
+                        SELECT * FROM unnest($3::text[], $4::int[])))""",
+            since,
+            partitions is None,
+            topics,
+            numbers,
+        )
+        # Wakes the relay at once (the trigger fires on INSERT only).
+        await conn.execute("SELECT pg_notify(current_schema() || '_outbox', '')")
+    return int(status.split()[-1])
+
+
+async def sweep(conn: Conn, *, older_than_hours: int, limit: int = 10000) -> int:
+    """Forget up to `limit` events published more than `older_than_hours` ago; how many."""
+    status: str = await conn.execute(
+        """DELETE FROM outbox WHERE seq IN (
+               SELECT seq FROM outbox
+               WHERE published_at < now() - make_interval(hours => $1) LIMIT $2)""",
+        older_than_hours,
+        limit,
+    )
+    return int(status.split()[-1])
+
+
+async def acknowledged(conn: Conn) -> dict[TopicPartition, tuple[int, int]]:
+    """Per partition, the lowest offset of the relay's latest publication there (one statement
+    marks a publication, so its rows share `published_at`) and the highest offset overall."""
+    rows = await conn.fetch(
+        """SELECT topic, kafka_partition, max(kafka_offset) AS highest,
+                  min(kafka_offset) FILTER (WHERE published_at = latest) AS floor
+           FROM (SELECT topic, kafka_partition, kafka_offset, published_at,
+                        max(published_at) OVER (PARTITION BY topic, kafka_partition) AS latest
+                 FROM outbox WHERE kafka_offset IS NOT NULL) AS published
+           GROUP BY topic, kafka_partition"""
+    )
+    return {
+        TopicPartition(r["topic"], r["kafka_partition"]): (r["floor"], r["highest"]) for r in rows
+    }
+
+
 class OutboxRelay:
-    """Publishes a service's outbox; wakes on NOTIFY and polls as a fallback."""
+    """Publishes a service's outbox; wakes on NOTIFY and polls as a fallback. As leader it also
+    watches for a broker that lost what it acknowledged, and sweeps out expired published rows."""
 
     def __init__(
         self,
@@ -109,14 +200,26 @@ class OutboxRelay:
         producer: AIOKafkaProducer,
         batch_size: int = 1000,
         poll_interval: float = 1.0,
+        retention_hours: int = DEFAULT_RETENTION_HOURS,
+        broker_check_interval: float = 2.0,
+        sweep_interval: float = 600.0,
     ) -> None:
         self._dsn = dsn
         self._schema = schema
         self._producer = producer
         self._batch_size = batch_size
         self._poll_interval = poll_interval
+        self._retention_hours = retention_hours
+        self._broker_check_interval = broker_check_interval
+        self._sweep_interval = sweep_interval
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        # Per partition, the highest offset the broker gave us (a later one at or below it means a
+        # new log), and the lowest of our latest publication there: a log whose end is at or
+        # below that one lost events. Not the highest: the embedded broker reports the end of a
+        # log as its last batch's first offset plus one.
+        self._acked: dict[TopicPartition, int] = {}
+        self._floor: dict[TopicPartition, int] = {}
         self.is_leader = False
 
     def stop(self) -> None:
@@ -149,10 +252,22 @@ class OutboxRelay:
                     return
             self.is_leader = True
             await conn.add_listener(f"{self._schema}_outbox", self._on_notify)
+            # From the database, so a relay started after the broker lost its memory notices too.
+            known = await acknowledged(conn)
+            self._floor = {tp: floor for tp, (floor, _) in known.items()}
+            self._acked = {tp: highest for tp, (_, highest) in known.items()}
+            next_check = next_sweep = time.monotonic()
             while not self._stopping.is_set():
                 published = await self.relay_once(conn)
+                now = time.monotonic()
+                if now >= next_check:
+                    await self.check_broker(conn)
+                    next_check = now + self._broker_check_interval
+                if now >= next_sweep:
+                    await self._sweep(conn)
+                    next_sweep = now + self._sweep_interval
                 if published < self._batch_size:
-                    await self._sleep(self._poll_interval)
+                    await self._sleep(min(self._poll_interval, self._broker_check_interval))
         finally:
             self.is_leader = False
             with contextlib.suppress(Exception):
@@ -163,10 +278,68 @@ class OutboxRelay:
         self._wake.clear()
         rows = await pending(conn, limit=self._batch_size)
         if rows:
-            await publish(self._producer, rows)
-            await mark_published(conn, seqs=[r["seq"] for r in rows])
+            acks = await publish(self._producer, rows)
+            await mark_published(conn, seqs=[r["seq"] for r in rows], acks=acks)
+            went_back = self._note(acks)
+            if went_back:
+                await self._recover(conn, went_back, "an acknowledgement")
         OUTBOX_BACKLOG.set(await backlog(conn) if len(rows) == self._batch_size else 0)
         return len(rows)
+
+    async def check_broker(self, conn: Conn) -> None:
+        """Queue again what this service published on partitions whose log now ends too early."""
+        if not self._floor:
+            return
+        try:
+            async with asyncio.timeout(5):
+                ends = await end_offsets(self._producer, list(self._floor))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.debug("cannot read end offsets", extra={"error": repr(exc)})
+            return
+        lost = {tp for tp, end in ends.items() if end <= self._floor.get(tp, -1)}
+        if lost:
+            await self._recover(conn, lost, "the end offsets")
+
+    def _note(self, acks: Iterable[RecordMetadata]) -> set[TopicPartition]:
+        """Remember where the broker put this publication; the partitions whose log went back."""
+        went_back: set[TopicPartition] = set()
+        lowest: dict[TopicPartition, int] = {}
+        highest: dict[TopicPartition, int] = {}
+        for ack in acks:
+            tp = TopicPartition(ack.topic, ack.partition)
+            if ack.offset <= self._acked.get(tp, -1):
+                went_back.add(tp)
+            lowest[tp] = min(ack.offset, lowest.get(tp, ack.offset))
+            highest[tp] = max(ack.offset, highest.get(tp, ack.offset))
+        for tp in lowest.keys() - went_back:
+            self._floor[tp] = lowest[tp]
+            self._acked[tp] = highest[tp]
+        return went_back
+
+    async def _recover(self, conn: Conn, lost: set[TopicPartition], seen_in: str) -> None:
+        # Every retained row of those partitions, not only recent ones: the broker may have held
+        # events for a long time that no consumer had read. Rows already in the new log arrive
+        # twice, and consumers' inboxes skip them.
+        count = await republish(conn, None, partitions=lost)
+        for tp in lost:
+            self._acked.pop(tp, None)
+            self._floor.pop(tp, None)
+        OUTBOX_REPUBLISHED.inc(count)
+        log.warning(
+            "the broker lost published events; publishing them again",
+            extra={
+                "schema": self._schema,
+                "partitions": sorted(f"{tp.topic}/{tp.partition}" for tp in lost),
+                "events": count,
+                "seen_in": seen_in,
+            },
+        )
+
+    async def _sweep(self, conn: Conn) -> None:
+        # In slices, so a long backlog of expired rows never holds locks for long.
+        for _ in range(1000):
+            if await sweep(conn, older_than_hours=self._retention_hours) == 0:
+                break
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
@@ -174,3 +347,62 @@ class OutboxRelay:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+    """`15m`, `2h`, `3d`, `90s` before now, or an ISO 8601 time (UTC unless it says)."""
+    if match := _DURATION.match(text.strip()):
+        delta = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        return (now or datetime.now(UTC)) - delta
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--since: expected 15m, 2h, 1d or an ISO time, not {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _since_argument(text: str) -> datetime:
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def republish_services(dsn: str, services: list[str], since: datetime) -> dict[str, int]:
+    """Queue again, in each service's schema, what its outbox published since `since`."""
+    counts = {}
+    for service in services:
+        conn = await db.connect(dsn, schema=service)
+        try:
+            counts[service] = await republish(conn, since)
+        finally:
+            await conn.close()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    from herald.settings import EMBEDDED_DATABASE_URL, SERVICE_PORTS
+
+    services = [s for s in SERVICE_PORTS if s != "gateway"]
+    parser = argparse.ArgumentParser(description="Operate services' outboxes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    again = commands.add_parser(
+        "republish",
+        help="publish again what the outboxes published since a time (after a broker lost it)",
+    )
+    again.add_argument("--since", required=True, type=_since_argument, help="15m, 2h, 1d, ISO time")
+    again.add_argument("--service", choices=services, help="one service (default: all)")
+    again.add_argument("--database-url", default=None)
+    args = parser.parse_args(argv)
+    dsn = args.database_url or os.environ.get("DATABASE_URL") or EMBEDDED_DATABASE_URL
+    chosen = [args.service] if args.service else services
+    for service, count in asyncio.run(republish_services(dsn, chosen, args.since)).items():
+        print(f"{service}: {count} events queued again (published since {args.since.isoformat()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -128,7 +128,10 @@ def create_service_app(
                 producer = runtime.producer
                 runtime.checks["broker"] = lambda: broker_reachable(producer)
                 runtime.relay = OutboxRelay(
-                    dsn=settings.database_url, schema=settings.db_schema, producer=producer
+                    dsn=settings.database_url,
+                    schema=settings.db_schema,
+                    producer=producer,
+                    retention_hours=settings.outbox_retention_hours,
                 )
                 relay_task = runtime.start_task(runtime.relay.run(), "outbox-relay")
                 stack.push_async_callback(_stop_task, runtime.relay.stop, relay_task)

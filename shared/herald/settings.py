@@ -70,6 +70,9 @@ class BaseServiceSettings(BaseSettings):
     )
     kafka_partitions: int = Field(6, ge=1, validation_alias="KAFKA_PARTITIONS")
     kafka_replication_factor: int = Field(1, ge=1, validation_alias="KAFKA_REPLICATION_FACTOR")
+    # How long the outbox keeps events after publishing them, so that what a broker lost can be
+    # published again (consumers deduplicate by event id). Keep it below the inbox retention.
+    outbox_retention_hours: int = Field(72, ge=1, validation_alias="OUTBOX_RETENTION_HOURS")
 
     public_base_url: str = Field("http://127.0.0.1:8000", validation_alias="PUBLIC_BASE_URL")
 

@@ -95,7 +95,7 @@ async def campaign_killed(run: Run) -> None:
         await run.send()
         waiting = await conn.fetchval(
             "SELECT count(*) FROM campaign.outbox WHERE topic = 'email.scheduled'"
-            " AND convert_from(payload, 'UTF8') LIKE '%' || $1 || '%'",
+            " AND published_at IS NULL AND convert_from(payload, 'UTF8') LIKE '%' || $1 || '%'",
             run.email_id,
         )
         if waiting != 1:
@@ -151,7 +151,8 @@ async def broker_restarted(run: Run) -> None:
 
     It goes down as the fan-out hands out batches: the dispatcher takes up batches within
     milliseconds and then needs the broker no more, so later the loss would only hit outcomes.
-    Here both delivery batches and outcomes (`email.dispatched`) are in flight.
+    Here both delivery batches and outcomes (`email.dispatched`) are in flight. The services'
+    outbox relays must notice the loss on their own and publish again what it took.
     """
     conn = await database(run.stack)
     try:
@@ -159,10 +160,30 @@ async def broker_restarted(run: Run) -> None:
         await _fanout_under_way(run, conn)
     finally:
         await conn.close()
+    before = await _republished(run)
     await run.stack.stop_broker(kill=True)
     await run.fault_came_in_time()
     await asyncio.sleep(run.settings.broker_down_seconds)
     await run.stack.start_broker()
+
+    async def republished() -> bool:
+        return await _republished(run) > before
+
+    try:
+        await eventually(republished, "a relay to publish again what the broker lost", timeout=30)
+    except AssertionError:
+        run.problem("no outbox relay published anything again after the broker lost its memory")
+
+
+async def _republished(run: Run) -> float:
+    """Events the services' relays queued again, from their /metrics, summed."""
+    total = 0.0
+    for name in ("auth", "contacts", "campaign", "scheduler", "dispatcher", "tracking"):
+        async with httpx.AsyncClient(base_url=run.stack.url(name), timeout=10) as client:
+            for line in (await client.get("/metrics")).text.splitlines():
+                if line.startswith("herald_outbox_republished_total "):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _consumed(handlers: Iterable[type[EventData]]) -> set[str]:

@@ -11,7 +11,7 @@ def _ours(sql: str = "CREATE TABLE things (id int PRIMARY KEY)") -> list[Migrati
 
 async def test_migrations_apply_once_into_their_own_schema(db: asyncpg.Connection, scratch_schema):
     applied = await migrations.migrate(db, schema=scratch_schema, migrations=_ours())
-    assert [(m.namespace, m.version) for m in applied] == [("herald", 1), ("svc", 1)]
+    assert [(m.namespace, m.version) for m in applied] == [("herald", 1), ("herald", 2), ("svc", 1)]
     assert await migrations.migrate(db, schema=scratch_schema, migrations=_ours()) == []
     assert await migrations.pending(db, schema=scratch_schema, migrations=_ours()) == []
     tables = {
