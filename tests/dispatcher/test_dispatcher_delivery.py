@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
+from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
@@ -28,6 +29,7 @@ from dispatcher.domain import ASSUMED_ACCEPTED
 from dispatcher.handlers import when_dispatch_batch_received
 from herald import db as herald_db
 from herald import migrations
+from herald.devinfra.smtp_sink import SmtpSink
 from herald.devinfra.stack import Stack
 from herald.events import Envelope, decode
 from herald.events.campaign import EmailContent
@@ -289,6 +291,42 @@ async def test_a_connection_dropped_mid_data_is_retried_and_delivered_once(harne
     assert [(e.status, e.smtp_code) for e in mine] == [("deferred", None), ("sent", 250)]
     assert mine[0].smtp_reply
     assert "no reply" in mine[0].smtp_reply
+
+
+@pytest.fixture
+async def pipelining_sink(tmp_path: Path) -> AsyncIterator[SmtpSink]:
+    """A sink of this test's own that offers PIPELINING (the shared one does not)."""
+    async with SmtpSink(tmp_path, smtp_port=0, http_port=0, pipelining=True) as sink:
+        yield sink
+
+
+async def test_through_a_pipelining_relay_each_recipient_gets_its_own_outcome(
+    harness: Harness, pipelining_sink: SmtpSink
+):
+    async with httpx.AsyncClient(base_url=pipelining_sink.http_url) as http:
+        harness.sink = http
+        await harness.behave(
+            {"match": harness.address(0), "action": "defer", "times": 1},
+            {"match": harness.address(1), "action": "reject"},
+            {"match": harness.address(2), "action": "drop", "times": 1},
+        )
+        await harness.start(smtp_url=f"smtp://127.0.0.1:{pipelining_sink.smtp_port}")
+        email_id = await harness.queue(5)
+        states = await harness.settled(
+            email_id, lambda s: len(s) == 5 and all(v in ("sent", "failed") for v in s.values())
+        )
+        assert states == {harness.address(n): "failed" if n == 1 else "sent" for n in range(5)}
+        assert recipients_of(await harness.received()) == sorted(
+            harness.address(n) for n in (0, 2, 3, 4)
+        )
+    events = [e for e in await harness.events(email_id) if isinstance(e, MessageDispatched)]
+    assert sorted((e.recipient, e.status, e.smtp_code) for e in events if e.attempt == 1) == [
+        (harness.address(0), "deferred", 451),
+        (harness.address(1), "failed", 550),
+        (harness.address(2), "deferred", None),
+        (harness.address(3), "sent", 250),
+        (harness.address(4), "sent", 250),
+    ]
 
 
 async def test_a_relay_refusing_connections_delays_delivery_and_loses_nothing(

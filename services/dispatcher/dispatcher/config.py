@@ -18,6 +18,9 @@ class Settings(BaseServiceSettings):
     smtp_helo_name: str | None = Field(None, validation_alias="SMTP_HELO_NAME")
     # Seconds to wait for any one reply of the relay (RFC 5321 allows minutes for the last).
     smtp_timeout_seconds: float = Field(60.0, gt=0, le=600, validation_alias="SMTP_TIMEOUT")
+    # Pipeline MAIL, RCPT and DATA (RFC 2920) when the relay offers it; off for a relay that
+    # offers it and gets it wrong.
+    smtp_pipelining: bool = Field(True, validation_alias="SMTP_PIPELINING")
     # Persistent connections to the relay, each carrying one transaction at a time.
     smtp_concurrency: int = Field(32, ge=1, le=256, validation_alias="DISPATCHER_CONCURRENCY")
 

@@ -488,6 +488,7 @@ class Engine:
             timeout=settings.smtp_timeout_seconds,
             helo_name=settings.smtp_helo_name,
             tls_verify=settings.smtp_tls_verify,
+            pipelining=settings.smtp_pipelining,
         )
         self._mint = TokenMint(settings.link_signing_keys.get_secret_value())
         # Checked here rather than in Settings, whose errors would quote the secrets.
@@ -539,8 +540,6 @@ class Engine:
         # Ids of claimed messages this process holds (queued in memory or being sent).
         self._held: set[uuid.UUID] = set()
         self._strays: set[uuid.UUID] = set()
-        # Accepted messages per second of the last minute, for /internal/stats.
-        self._sent_per_second: list[tuple[int, int]] = [(0, 0)] * 60
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -614,17 +613,6 @@ class Engine:
         if time.monotonic() - self._last_reply < 5.0:
             return True
         return await self._relay.reachable()
-
-    def sent_last_minute(self) -> int:
-        """Messages the relay accepted from this process in the last minute."""
-        now = int(time.monotonic())
-        return sum(count for second, count in self._sent_per_second if now - second < 60)
-
-    def _count_sent(self) -> None:
-        second = int(time.monotonic())
-        slot = second % 60
-        stamp, count = self._sent_per_second[slot]
-        self._sent_per_second[slot] = (second, count + 1 if stamp == second else 1)
 
     # -- claiming -----------------------------------------------------------------------
 
@@ -758,8 +746,6 @@ class Engine:
                     connection.abort()
                     attempt = self._judge(job, None, f"internal error: {exc!r}", "connect")
                 if attempt is not None:
-                    if attempt.status == "sent":
-                        self._count_sent()
                     await self.outcomes.record(attempt)
                 return
         finally:
@@ -806,24 +792,21 @@ class Engine:
             # closes (the development sink does) then rarely loses a message to our crash.
             connection.send_body(data)
             await connection.flushed()
-            waiting = connection.expect_reply()
         except RelayLost as exc:
             connection.abort()
             return self._judge(job, None, exc.reason, exc.stage)
         try:
             handed = await self._handover.hand_over(job.id, connection.end)
         except BaseException:
-            waiting.cancel()
             connection.abort()
             raise
         if handed is not Handover.DONE:
-            waiting.cancel()
             connection.abort()
             if handed is Handover.NOT_OURS:
                 return None
             return self._judge(job, None, "connection lost before the end of the message", "end")
         try:
-            reply = await connection.finish(waiting)
+            reply = await connection.finish()
         except RelayLost as exc:
             RELAY_ERRORS.labels("end").inc()
             return self._judge(
@@ -833,15 +816,18 @@ class Engine:
         return self._judge(job, reply.code, reply.text, "end")
 
     async def _begin(self, connection: RelayConnection, built: Built, size: int) -> Reply | None:
+        """Open the transaction of one message; the relay's refusal, or None when it waits."""
         reused = connection.transactions > 0
         try:
-            return await connection.begin(built.sender, built.recipient, size)
+            opening = await connection.begin(built.sender, (built.recipient,), size)
         except RelayLost as exc:
             if not (reused and exc.stage == "mail"):
                 raise
-        # The relay closed a connection that sat idle: nothing of this message was sent.
-        await connection.connect()
-        return await connection.begin(built.sender, built.recipient, size)
+            # The relay closed a connection that sat idle: nothing of this message was sent.
+            await connection.connect()
+            opening = await connection.begin(built.sender, (built.recipient,), size)
+        # One recipient per transaction: each message is personal (To, Message-ID, links).
+        return opening.refusal(0)
 
     def _judge(self, job: Job, code: int | None, text: str, stage: Stage) -> Attempt:
         verdict = judge(code, stage)

@@ -393,9 +393,27 @@ class _Envelope(Envelope):
 class _Handler:
     """aiosmtpd hooks: apply the behaviour rules at RCPT TO and store mail at DATA."""
 
-    def __init__(self, store: _MessageStore, behaviour: _BehaviourControl) -> None:
+    def __init__(
+        self, store: _MessageStore, behaviour: _BehaviourControl, *, pipelining: bool = False
+    ) -> None:
         self._store = store
         self._behaviour = behaviour
+        self._pipelining = pipelining
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # aiosmtpd reads commands one line after another, so pipelined ones (RFC 2920) work
+        # whether or not they are offered; offering them lets clients test their pipelining.
+        session.host_name = hostname  # this hook's duty once it exists
+        if self._pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self,
@@ -772,6 +790,7 @@ class SmtpSink:
     """The sink's SMTP and HTTP servers and its store, run on the current event loop.
 
     Port 0 binds an ephemeral port; read the bound ones from `smtp_port` and `http_port`.
+    `pipelining` offers PIPELINING in the EHLO reply (off by default, as before).
     """
 
     def __init__(
@@ -783,12 +802,13 @@ class SmtpSink:
         http_host: str = "127.0.0.1",
         http_port: int = 8025,
         data_size_limit: int = DATA_SIZE_LIMIT,
+        pipelining: bool = False,
     ) -> None:
         if data_size_limit < 1:
             raise ValueError("data_size_limit must be positive")
         self._store = _MessageStore(Path(directory))
         self._behaviour = _BehaviourControl()
-        self._handler = _Handler(self._store, self._behaviour)
+        self._handler = _Handler(self._store, self._behaviour, pipelining=pipelining)
         self._smtp_host, self._smtp_port = smtp_host, smtp_port
         self._http_host, self._http_port = http_host, http_port
         self._data_size_limit = data_size_limit
@@ -920,6 +940,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--http-host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=int(env.get("SINK_HTTP_PORT", "8025")))
     parser.add_argument("--dir", type=Path, default=Path(env.get("SINK_DIR", ".data/sink")))
+    parser.add_argument(
+        "--pipelining", action="store_true", help="offer PIPELINING (RFC 2920) in the EHLO reply"
+    )
     return parser.parse_args(argv)
 
 
@@ -930,6 +953,7 @@ async def _serve(args: argparse.Namespace) -> None:
         smtp_port=args.smtp_port,
         http_host=args.http_host,
         http_port=args.http_port,
+        pipelining=args.pipelining,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
