@@ -134,10 +134,12 @@ class Tables:
 
 
 class Rollup:
-    """Collects the deltas of one transaction."""
+    """Collects the roll-up changes of one transaction, summed per row as they come: a batch of
+    thousands of opens of one email touches a handful of rows, so it is kept as that many."""
 
     def __init__(self) -> None:
-        self.deltas: list[Delta] = []
+        # (scope, email, account, UTC hour number, link, url) -> counter changes.
+        self._sums: dict[_RowKey, dict[str, int]] = {}
 
     def add(
         self,
@@ -150,42 +152,65 @@ class Rollup:
         url: str | None = None,
         **counts: int,
     ) -> None:
-        """Record `counts` (counter name → change); zero changes are left out."""
-        changed = {name: n for name, n in counts.items() if n}
-        if changed:
-            self.deltas.append(Delta(scope, email_id, account_id, at, changed, link_index, url))
+        """Add `counts` (counter name → change) to the row `at` falls in; zeros are left out."""
+        key = (scope, email_id, account_id, int(at.timestamp()) // 3600, link_index, url)
+        target = self._sums.get(key)
+        if target is None:
+            target = self._sums[key] = {}
+        for name, n in counts.items():
+            if n:
+                target[name] = target.get(name, 0) + n
 
     def extend(self, deltas: Iterable[Delta]) -> None:
-        self.deltas.extend(deltas)
+        for d in deltas:
+            self.add(
+                d.scope,
+                d.email_id,
+                d.account_id,
+                d.at,
+                link_index=d.link_index,
+                url=d.url,
+                **d.counts,
+            )
+
+    @property
+    def deltas(self) -> list[Delta]:
+        """The summed changes, one per row and hour (stamped with the hour's start)."""
+        return [
+            Delta(scope, email_id, account_id, _hour(stamp), changed, link_index, url)
+            for (scope, email_id, account_id, stamp, link_index, url), counts in self._sums.items()
+            if (changed := {name: n for name, n in counts.items() if n})
+        ]
 
     def __len__(self) -> int:
         return len(self.deltas)
 
     def tables(self) -> Tables:
-        """Sum the deltas per roll-up row."""
+        """The changes per roll-up table and row."""
         t = Tables()
-        buckets: dict[int, tuple[datetime, date]] = {}
-        for d in self.deltas:
-            # Many deltas share an hour: work it out once per hour.
-            stamp = int(d.at.timestamp()) // 3600
-            bucket = buckets.get(stamp)
-            if bucket is None:
-                hour = datetime.fromtimestamp(stamp * 3600, UTC)
-                bucket = buckets[stamp] = (hour, hour.date())
-            hour, day = bucket
-            if d.scope == "link":
-                assert d.link_index is not None
-                _bump3(t.link_stats, (d.email_id, d.link_index), d.account_id, d.url or "", d)
-                _bump(t.link_hourly, (d.email_id, d.link_index, hour), d.account_id, d)
-                _bump(t.link_daily, (d.email_id, d.link_index, day), d.account_id, d)
+        for (scope, email_id, account_id, stamp, link_index, url), counts in self._sums.items():
+            hour = _hour(stamp)
+            day = hour.date()
+            if scope == "link":
+                assert link_index is not None
+                _bump3(t.link_stats, (email_id, link_index), account_id, url or "", counts)
+                _bump(t.link_hourly, (email_id, link_index, hour), account_id, counts)
+                _bump(t.link_daily, (email_id, link_index, day), account_id, counts)
                 continue
-            if d.scope in ("all", "stats"):
-                _bump(t.stats, d.email_id, d.account_id, d)
-            if d.scope in ("all", "buckets"):
-                _bump(t.email_hourly, (d.email_id, hour), d.account_id, d)
-                _bump(t.email_daily, (d.email_id, day), d.account_id, d)
-                _add(t.account_hourly.setdefault((d.account_id, hour), Counter()), d.counts)
+            if scope in ("all", "stats"):
+                _bump(t.stats, email_id, account_id, counts)
+            if scope in ("all", "buckets"):
+                _bump(t.email_hourly, (email_id, hour), account_id, counts)
+                _bump(t.email_daily, (email_id, day), account_id, counts)
+                _add(t.account_hourly.setdefault((account_id, hour), Counter()), counts)
         return t
+
+
+_RowKey = tuple[Scope, uuid.UUID, uuid.UUID, int, int | None, str | None]
+
+
+def _hour(stamp: int) -> datetime:
+    return datetime.fromtimestamp(stamp * 3600, UTC)
 
 
 def _add(target: Counter[str], counts: Mapping[str, int]) -> None:
@@ -195,12 +220,15 @@ def _add(target: Counter[str], counts: Mapping[str, int]) -> None:
 
 
 def _bump(
-    table: dict[K, tuple[uuid.UUID, Counter[str]]], key: K, account_id: uuid.UUID, delta: Delta
+    table: dict[K, tuple[uuid.UUID, Counter[str]]],
+    key: K,
+    account_id: uuid.UUID,
+    counts: Mapping[str, int],
 ) -> None:
     entry = table.get(key)
     if entry is None:
         entry = table[key] = (account_id, Counter())
-    _add(entry[1], delta.counts)
+    _add(entry[1], counts)
 
 
 def _bump3(
@@ -208,12 +236,12 @@ def _bump3(
     key: tuple[uuid.UUID, int],
     account_id: uuid.UUID,
     url: str,
-    delta: Delta,
+    counts: Mapping[str, int],
 ) -> None:
     entry = table.get(key)
     if entry is None:
         entry = table[key] = (account_id, url, Counter())
-    _add(entry[2], delta.counts)
+    _add(entry[2], counts)
 
 
 @dataclass
