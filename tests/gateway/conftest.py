@@ -139,6 +139,8 @@ EDGE_SETTINGS = {
     "MAX_UPLOAD_BYTES": "65536",
     "UPSTREAM_TIMEOUT": "1",
     "REPORTS_CACHE_SECONDS": "30",
+    # Loopback (the tests, as a load balancer would) and an inner proxy network.
+    "GATEWAY_TRUSTED_PROXIES": "127.0.0.1,::1,10.250.0.0/16",
 }
 
 

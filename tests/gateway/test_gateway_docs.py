@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 import httpx
+import jsonschema_rs
 
 from gateway.routes import is_public, service_for
 from herald.devinfra.stack import Stack
@@ -157,3 +158,35 @@ async def test_swagger_ui_renders_in_a_browser_under_its_csp(platform: Stack):
     # The operations list is drawn only if the bundle ran and fetched /openapi.json under the CSP.
     assert "opblock-tag" in page, errors.decode()[-3000:]
     assert "/signup" in page
+
+
+async def test_every_json_body_has_an_example_that_fits_its_schema(gateway: httpx.AsyncClient):
+    document = (await gateway.get("/openapi.json")).json()
+    components = document["components"]
+    checked = 0
+    misfits: list[str] = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            bodies = [("request", operation.get("requestBody", {}))]
+            bodies += [(status, answer) for status, answer in operation["responses"].items()]
+            for where, body in bodies:
+                media = body.get("content", {}).get("application/json")
+                if media is None:
+                    continue
+                name = f"{method.upper()} {path} {where}"
+                assert "example" in media or "examples" in media, f"{name} has no example"
+                examples = (
+                    [media["example"]]
+                    if "example" in media
+                    else [e["value"] for e in media["examples"].values() if "value" in e]
+                )
+                validator = jsonschema_rs.validator_for(
+                    media["schema"] | {"components": components}
+                )
+                for value in examples:
+                    checked += 1
+                    errors = [e.message for e in validator.iter_errors(value)]
+                    if errors:
+                        misfits.append(f"{name}: {value!r}: {errors[:2]}")
+    assert not misfits, "\n".join(misfits)
+    assert checked >= 60

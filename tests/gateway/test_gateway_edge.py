@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from tests.conftest import TokenMaker
-from tests.gateway.conftest import Account, EdgeGateway, Requests, new_account
+from tests.gateway.conftest import PASSWORD, Account, EdgeGateway, Requests, new_account
 
 
 def address() -> dict[str, str]:
@@ -102,6 +102,63 @@ async def test_identity_and_request_id_are_forwarded_and_cannot_be_spoofed(
     assert "x-internal-token" not in headers
     assert headers["x-forwarded-for"].startswith("10.")
     assert response.headers["x-request-id"] == "edge-trace-1"
+
+
+async def test_the_client_address_is_believed_only_from_trusted_proxies(
+    edge_gateway: EdgeGateway, mint_token: TokenMaker
+):
+    client_ip = f"198.51.100.{uuid.uuid4().int % 250}"
+
+    async def forwarded_for(source: str, claimed: str) -> str:
+        transport = httpx.AsyncHTTPTransport(local_address=source)
+        async with edge_gateway.client(transport=transport) as client:
+            response = await client.get(
+                "/contacts", headers=bearer(mint_token()) | {"X-Forwarded-For": claimed}
+            )
+        assert response.status_code == 200, response.text
+        seen: str = response.json()["headers"]["x-forwarded-for"]
+        return seen
+
+    # From loopback (trusted): through an inner proxy (10.250/16, trusted) the client is the
+    # address that proxy appended; the client's own claim on the left is passed on, not believed.
+    assert await forwarded_for("127.0.0.1", f"6.6.6.6, {client_ip}, 10.250.0.1") == (
+        f"6.6.6.6, {client_ip}"
+    )
+    # From an address no setting trusts, a claim is anybody's: the peer is the client.
+    assert await forwarded_for("127.0.0.2", f"{client_ip}, 10.250.0.1") == "127.0.0.2"
+
+    # The rate limit counts the same address: new claims from an untrusted peer share its bucket.
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.3")
+    async with edge_gateway.client(transport=transport) as client:
+        statuses = [
+            (await client.get("/asyncapi.json", headers=address())).status_code for _ in range(7)
+        ]
+    assert statuses == [200] * 6 + [429]
+
+
+async def test_the_gateway_itself_refuses_a_logged_out_token(
+    edge_gateway: EdgeGateway, gateway: httpx.AsyncClient, sent_requests: Requests
+):
+    # The stand-in service behind /contacts checks no token: a 401 can only be the gateway's.
+    account = await new_account(gateway, sent_requests)
+    other = await gateway.post("/login", json={"email": account.email, "password": PASSWORD})
+    assert other.status_code == 200, other.text
+    other_session = bearer(other.json()["access_token"])
+    async with edge_gateway.client() as client:
+        for _ in range(2):  # verified once, then served from the cache of verified tokens
+            assert (await client.get("/contacts", headers=address() | account.headers)).is_success
+        logout = await gateway.post("/logout", headers=account.headers)
+        assert logout.status_code == 204, logout.text
+        deadline = time.monotonic() + 3
+        while (
+            answer := await client.get("/contacts", headers=address() | account.headers)
+        ).is_success:
+            assert time.monotonic() < deadline, "the gateway still accepts a logged-out token"
+            await asyncio.sleep(0.1)
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"]["code"] == "invalid_token"
+        # Only that session ended.
+        assert (await client.get("/contacts", headers=address() | other_session)).is_success
 
 
 async def test_an_api_key_is_exchanged_before_forwarding(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 
@@ -95,25 +97,140 @@ async def test_admin_usage_validates_its_range(gateway: httpx.AsyncClient, mint_
         assert field in [d["field"] for d in response.json()["error"]["details"]], response.text
 
 
+async def _send_and_wait(
+    gateway: httpx.AsyncClient, account: Account, to: list[str]
+) -> dict[str, Any]:
+    """Send inline to `to` through the gateway; the email once every recipient has an outcome."""
+    sent = await gateway.post(
+        "/send",
+        json={"to": to, "subject": "Figures", "text": "Counted once."},
+        headers=account.headers,
+    )
+    assert sent.status_code == 202, sent.text
+    deadline = time.monotonic() + 60
+    while True:
+        email = (await gateway.get(f"/emails/{sent.json()['id']}", headers=account.headers)).json()
+        if email["status"] in ("sent", "failed"):
+            return dict(email)
+        assert time.monotonic() < deadline, email
+        await asyncio.sleep(0.2)
+
+
 async def test_admin_usage_reports_from_the_campaign_service(
-    gateway: httpx.AsyncClient, mint_token: TokenMaker
+    gateway: httpx.AsyncClient, mint_token: TokenMaker, account: Account
 ):
     admin = {"Authorization": f"Bearer {mint_token(role='admin')}"}
-    today = date.today()
+    account_id = account.user_id  # a signed-up user is an account of their own
+    tag = uuid.uuid4().hex[:8]
+    email = await _send_and_wait(gateway, account, [f"u{tag}-{n}@example.com" for n in range(3)])
+    assert email["counts"] == {"queued": 3, "sent": 3, "failed": 0}, email
+    # The account's day is UTC (its profile's timezone); a day either side covers midnight.
+    today = datetime.now(UTC).date()
+    start, end = today - timedelta(days=6), today + timedelta(days=1)
     response = await gateway.get(
-        "/admin/usage",
-        params={"from": (today - timedelta(days=6)).isoformat(), "to": today.isoformat()},
-        headers=admin,
+        "/admin/usage", params={"from": start.isoformat(), "to": end.isoformat()}, headers=admin
     )
-    if response.status_code == 503:
-        # Until the campaign service serves GET /internal/usage, the answer says so plainly.
-        assert response.json()["error"]["code"] == "usage_unavailable", response.text
-        return
     assert response.status_code == 200, response.text
     report = response.json()
-    assert report["from"] == (today - timedelta(days=6)).isoformat()
-    assert report["to"] == today.isoformat()
-    assert len(report["top_senders"]) <= 10
-    for day in report["days"]:
-        uuid.UUID(day["account_id"])
-        assert report["from"] <= day["day"] <= report["to"]
+    assert report["from"] == start.isoformat()
+    assert report["to"] == end.isoformat()
+    mine = [day for day in report["days"] if day["account_id"] == account_id]
+    assert [(d["sent"], d["failed"]) for d in mine] == [(3, 0)], report["days"]
+    assert start.isoformat() <= mine[0]["day"] <= end.isoformat()
+    [quota] = [q for q in report["quotas"] if q["account_id"] == account_id]
+    assert quota["used_today"] == 3, quota
+    # Top senders: at most ten, most recipients first, each the sum of its days.
+    top = report["top_senders"]
+    assert 1 <= len(top) <= 10
+    assert [t["sent"] for t in top] == sorted((t["sent"] for t in top), reverse=True)
+    for sender in top:
+        days = [d for d in report["days"] if d["account_id"] == sender["account_id"]]
+        assert sender["sent"] == sum(d["sent"] for d in days), sender
+        assert sender["failed"] == sum(d["failed"] for d in days), sender
+    too_long = await gateway.get(
+        "/admin/usage", params={"from": "2024-01-01", "to": "2025-06-01"}, headers=admin
+    )
+    assert too_long.status_code == 422
+    assert [d["field"] for d in too_long.json()["error"]["details"]] == ["to"]
+
+
+async def test_the_campaign_service_checks_the_usage_range_itself(platform: Stack):
+    internal = {"X-Internal-Token": platform.secrets["INTERNAL_TOKEN"]}
+    cases = [
+        ({"from": "2026-02-30", "to": "2026-03-01"}, "from"),
+        ({"from": "2026-03-01", "to": "soon"}, "to"),
+        ({"from": "2026-03-01"}, "to"),
+        ({"from": "2026-03-02", "to": "2026-03-01"}, "from"),
+        ({"from": "2024-01-01", "to": "2025-06-01"}, "to"),
+    ]
+    async with httpx.AsyncClient(base_url=platform.url("campaign"), timeout=10) as client:
+        assert (await client.get("/internal/usage", params=cases[0][0])).status_code in (401, 403)
+        for params, field in cases:
+            response = await client.get("/internal/usage", params=params, headers=internal)
+            assert response.status_code == 422, (params, response.text)
+            fields = [d["field"] for d in response.json()["error"]["details"]]
+            assert fields == [field], (params, response.text)
+        fine = await client.get(
+            "/internal/usage", params={"from": "2026-03-01", "to": "2026-03-01"}, headers=internal
+        )
+        assert fine.status_code == 200, fine.text
+        assert set(fine.json()) == {"days", "quotas"}
+
+
+async def _figures(gateway: httpx.AsyncClient, admin: dict[str, str]) -> dict[str, Any]:
+    response = await gateway.get("/admin/system", headers=admin)
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()
+    return view
+
+
+async def test_admin_system_counts_what_was_delivered(
+    gateway: httpx.AsyncClient,
+    mint_token: TokenMaker,
+    account: Account,
+    sink: httpx.AsyncClient,
+):
+    admin = {"Authorization": f"Bearer {mint_token(role='admin')}"}
+    tag = uuid.uuid4().hex[:8]
+    refused = f"refused{tag}@example.com"
+    rule = {"rules": [{"match": refused, "action": "reject"}], "refuse_connections": False}
+    (await sink.put("/api/behaviour", json=rule)).raise_for_status()
+    before = await _figures(gateway, admin)
+    assert before["messages"] is not None, before
+    email = await _send_and_wait(
+        gateway, account, [f"ok{tag}-1@example.com", f"ok{tag}-2@example.com", refused]
+    )
+    assert email["counts"] == {"queued": 3, "sent": 2, "failed": 1}, email
+    after = await _figures(gateway, admin)
+    messages = after["messages"]
+    # Counted from the dispatcher's records: this send is in both windows, nothing else failed.
+    assert messages["last_minute"]["sent"] >= 2, messages
+    assert messages["last_minute"]["failed"] >= 1, messages
+    assert messages["last_hour"]["sent"] - before["messages"]["last_hour"]["sent"] >= 2
+    assert messages["last_hour"]["failed"] - before["messages"]["last_hour"]["failed"] == 1
+    assert messages["last_hour"]["sent"] >= messages["last_minute"]["sent"]
+    assert isinstance(messages["awaiting_retry"], int)
+    # Tracking consumed the three outcomes (and the fan-out) within the last minute.
+    assert after["tracking_events_per_minute"] >= 3, after["tracking_events_per_minute"]
+    by_name = {s["name"]: s for s in after["services"]}
+    assert by_name["dispatcher"]["figures"]["messages"] == messages
+    assert (
+        by_name["tracking"]["figures"]["events_per_minute"] == after["tracking_events_per_minute"]
+    )
+
+
+async def test_a_restarted_service_is_reached_again_at_once(
+    platform: Stack, gateway: httpx.AsyncClient, account: Account
+):
+    async def calls() -> list[int]:
+        answers = await asyncio.gather(
+            *(gateway.get("/contacts", headers=account.headers) for _ in range(8))
+        )
+        return [a.status_code for a in answers]
+
+    # Several pooled connections to contacts, then a restart closes every one of them.
+    assert await calls() == [200] * 8
+    await platform.stop_service("contacts")
+    await platform.start_service("contacts")
+    await platform.wait_ready(60, ["contacts"])
+    assert await calls() == [200] * 8

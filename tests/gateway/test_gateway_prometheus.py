@@ -22,8 +22,10 @@ import pytest
 from herald.devinfra.process import free_port
 from herald.devinfra.stack import SERVICES, Stack
 from tests.conftest import TokenMaker
+from tests.gateway.conftest import Account
 
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARDS = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards"
 
 KEY_SERIES = [
     "herald_service_info",
@@ -31,6 +33,7 @@ KEY_SERIES = [
     "herald_http_request_duration_seconds_bucket",
     "herald_outbox_backlog",
     "herald_gateway_upstream_requests_total",
+    "herald_campaign_emails",
 ]
 
 
@@ -152,3 +155,48 @@ async def test_alert_rules_load_and_evaluate_against_real_series(prometheus: Pro
         rules = await _until(evaluated)
         broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] == "err"]
         assert not broken, broken
+
+
+async def test_every_dashboard_query_runs(prometheus: Prometheus):
+    """Each panel's PromQL, with Grafana's variables filled in, is accepted by Prometheus."""
+    fill = {"$__rate_interval": "1m", "$job": ".*"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for path in sorted(DASHBOARDS.glob("*.json")):
+            for panel in json.loads(path.read_text())["panels"]:
+                for target in panel["targets"]:
+                    expr = target["expr"]
+                    for variable, value in fill.items():
+                        expr = expr.replace(variable, value)
+                    response = await client.get(
+                        f"{prometheus.url}/api/v1/query", params={"query": expr}
+                    )
+                    assert response.status_code == 200, (path.name, panel["title"], response.text)
+
+
+async def test_the_emails_per_status_gauge_follows_the_emails(
+    prometheus: Prometheus, gateway: httpx.AsyncClient, account: Account
+):
+    statuses = {"draft", "scheduled", "queued", "sending", "sent", "cancelled", "failed"}
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def by_status() -> dict[str, float]:
+            found = await prometheus.query(client, "herald_campaign_emails")
+            counts = {r["metric"]["status"]: float(r["value"][1]) for r in found}
+            assert set(counts) == statuses, counts
+            return counts
+
+        before = await _until(by_status, timeout=30)
+        for n in range(3):
+            composed = await gateway.post(
+                "/compose",
+                json={"subject": f"Gauge {n}", "text": "t", "to": ["gauge@example.com"]},
+                headers=account.headers,
+            )
+            assert composed.status_code == 201, composed.text
+
+        async def grown() -> None:
+            after = await by_status()
+            assert after["draft"] >= before["draft"] + 3, (before, after)
+
+        # Counted again every CAMPAIGN_STATUS_GAUGE_SECONDS (15 s), scraped every second.
+        await _until(grown, timeout=45)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
 import asyncpg
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
-from campaign import emails
+from campaign import emails, operators
 from campaign.emails import Campaign
 from campaign.schemas import (
     Accepted,
@@ -23,9 +24,10 @@ from campaign.schemas import (
     PreviewRequest,
     ScheduleRequest,
     SendRequest,
+    Usage,
 )
 from herald.errors import ERROR_RESPONSES
-from herald.security import Principal, current_principal, full_access
+from herald.security import Principal, current_principal, full_access, internal_caller
 
 router = APIRouter(tags=["emails"], responses=ERROR_RESPONSES)
 
@@ -197,3 +199,15 @@ async def schedule(
         send_at=body.send_at,
     )
     return Accepted(id=row["id"], status="scheduled", send_at=row["send_at"])
+
+
+@router.get("/internal/usage", include_in_schema=False, dependencies=[Depends(internal_caller)])
+async def usage(
+    request: Request,
+    start: Annotated[date, Query(alias="from")],
+    end: Annotated[date, Query(alias="to")],
+) -> Usage:
+    """Recipients per account per quota day (`from`..`to`), and quota use today (internal)."""
+    return await operators.usage(
+        request.app.state.runtime.db, start=start, end=end, now=datetime.now(UTC)
+    )

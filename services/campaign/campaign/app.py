@@ -13,6 +13,7 @@ from campaign.clients import AuthClient, ContactsClient
 from campaign.config import Settings
 from campaign.emails import Campaign
 from campaign.handlers import HANDLERS, REQUEST_HANDLERS
+from campaign.operators import status_gauge
 from campaign.requests import RequestsConsumer
 from herald.links import LinkSigner
 from herald.security import internal_headers
@@ -74,5 +75,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Emails: drafts, content, audience, status; send requests from other systems.",
         router=router,
         handlers=HANDLERS,
-        workers=(_campaign(settings),),
+        workers=(_campaign(settings), status_gauge(interval=settings.status_gauge_seconds)),
     )

@@ -1,6 +1,6 @@
 """Prometheus metrics of the campaign service, declared once."""
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 EMAILS_COMPOSED = Counter("herald_campaign_emails_composed_total", "Drafts composed")
 EMAILS_QUEUED = Counter(
@@ -23,4 +23,10 @@ REQUESTS = Counter(
 )
 QUOTA_REFUSALS = Counter(
     "herald_campaign_quota_refusals_total", "Emails refused for the daily send quota"
+)
+EMAILS_BY_STATUS = Gauge(
+    "herald_campaign_emails",
+    "Emails in each status now, over all accounts (refreshed every few seconds)",
+    # Every replica counts the same table: dashboards take `max`, never `sum`, over replicas.
+    ["status"],
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, model_validator
@@ -169,3 +169,27 @@ class Preview(BaseModel):
     html: str | None
     text: str | None
     to: str
+
+
+class UsageDay(BaseModel):
+    """Recipients of one account on one day (the account's day, as the quota counts it)."""
+
+    account_id: uuid.UUID
+    day: date
+    sent: int
+    failed: int
+
+
+class AccountQuota(BaseModel):
+    """An account's daily quota (None: unlimited) and the recipients counted against it today."""
+
+    account_id: uuid.UUID
+    daily_send_quota: int | None
+    used_today: int
+
+
+class Usage(BaseModel):
+    """`GET /internal/usage`: what the gateway's `/admin/usage` is built from."""
+
+    days: list[UsageDay]
+    quotas: list[AccountQuota]

@@ -352,3 +352,53 @@ async def finish(conn: Conn, *, email_id: uuid.UUID, status: str) -> None:
         email_id,
         status,
     )
+
+
+async def usage_by_day(conn: Conn, *, start: date, end: date) -> list[asyncpg.Record]:
+    """Recipients sent and failed per account per quota day, `start` to `end` inclusive."""
+    return list(
+        await conn.fetch(
+            """SELECT account_id, quota_day AS day, sum(sent_count)::bigint AS sent,
+                      sum(failed_count)::bigint AS failed
+                 FROM emails
+                WHERE quota_day BETWEEN $1 AND $2 AND kind <> 'system'
+                  AND status NOT IN ('draft', 'cancelled')
+                GROUP BY account_id, quota_day
+               HAVING sum(sent_count) + sum(failed_count) > 0""",
+            start,
+            end,
+        )
+    )
+
+
+async def timezones(conn: Conn) -> list[str]:
+    """The distinct timezones of known senders."""
+    return [row["timezone"] for row in await conn.fetch("SELECT DISTINCT timezone FROM senders")]
+
+
+async def quota_use_today(
+    conn: Conn, *, zones: Sequence[str], days: Sequence[date]
+) -> list[asyncpg.Record]:
+    """Accounts with recipients counted today (each in its timezone's day) and their quota.
+
+    `zones[i]`'s today is `days[i]`; counted as `quota_used` counts."""
+    return list(
+        await conn.fetch(
+            """SELECT s.account_id, s.daily_send_quota,
+                      sum(COALESCE(e.recipients, e.reserved))::bigint AS used_today
+                 FROM unnest($1::text[], $2::date[]) AS z(timezone, today)
+                 JOIN senders s ON s.timezone = z.timezone
+                 JOIN emails e ON e.account_id = s.account_id AND e.quota_day = z.today
+                WHERE e.kind <> 'system' AND e.status NOT IN ('draft', 'cancelled')
+                GROUP BY s.account_id, s.daily_send_quota
+               HAVING sum(COALESCE(e.recipients, e.reserved)) > 0""",
+            list(zones),
+            list(days),
+        )
+    )
+
+
+async def status_counts(conn: Conn) -> dict[str, int]:
+    """Emails by status, over all accounts."""
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM emails GROUP BY status")
+    return {row["status"]: row["n"] for row in rows}

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from dispatcher import store
+from dispatcher import activity, store
 from dispatcher.api import router
 from dispatcher.config import Settings
 from dispatcher.delivery import Engine
@@ -25,14 +25,18 @@ def _delivery(settings: Settings) -> Worker:
         async def engine_running() -> bool:
             return engine.running
 
-        async def figures() -> dict[str, object]:
+        async def unfinished() -> dict[str, object]:
             async with runtime.db.acquire() as conn:
-                counts = await store.state_counts(conn)
-            return {"sent_last_minute": engine.sent_last_minute(), "unfinished": counts}
+                return {"unfinished": await store.state_counts(conn)}
+
+        async def messages() -> dict[str, object]:
+            async with runtime.db.acquire() as conn:
+                return await activity.recent_outcomes(conn)
 
         runtime.checks["smtp_relay"] = engine.relay_ready
         runtime.checks["delivery"] = engine_running
-        runtime.stats["delivery"] = figures
+        runtime.stats["delivery"] = unfinished
+        runtime.stats["messages"] = messages
         try:
             yield
         finally:

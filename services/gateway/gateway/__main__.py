@@ -32,6 +32,8 @@ def _config(app: FastAPI, settings: Settings, *, port: int, **options: Any) -> u
         access_log=False,
         timeout_graceful_shutdown=15,
         server_header=False,
+        # The edge middleware reads X-Forwarded-For itself, against GATEWAY_TRUSTED_PROXIES.
+        proxy_headers=False,
         **options,
     )
 

@@ -18,7 +18,6 @@ from gateway.schemas import (
     CampaignUsage,
     ConsumerLag,
     DatabaseSize,
-    MessageCounts,
     MessageWindows,
     QuotaUse,
     ServiceStats,
@@ -33,8 +32,16 @@ _TIMEOUT = 3.0
 TOP_SENDERS = 10
 
 
+async def _get(client: httpx.AsyncClient, url: str, **options: Any) -> httpx.Response:
+    try:
+        return await client.get(url, **options)
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+        # A pooled connection the service closed (it restarted): a GET is asked once more.
+        return await client.get(url, **options)
+
+
 async def _json(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> tuple[int, Any]:
-    response = await client.get(url, headers=headers, timeout=_TIMEOUT)
+    response = await _get(client, url, headers=headers, timeout=_TIMEOUT)
     try:
         return response.status_code, response.json()
     except ValueError:
@@ -81,21 +88,6 @@ async def _status(
     return status, parsed
 
 
-def _sum_windows(windows: list[MessageWindows]) -> MessageWindows | None:
-    if not windows:
-        return None
-
-    def total(which: str) -> MessageCounts:
-        counts = [getattr(w, which) for w in windows]
-        return MessageCounts(
-            sent=sum(c.sent for c in counts),
-            deferred=sum(c.deferred for c in counts),
-            failed=sum(c.failed for c in counts),
-        )
-
-    return MessageWindows(last_minute=total("last_minute"), last_hour=total("last_hour"))
-
-
 async def system_view(
     client: httpx.AsyncClient, urls: dict[str, str], headers: dict[str, str]
 ) -> SystemView:
@@ -106,8 +98,9 @@ async def system_view(
     lags: list[ConsumerLag] = []
     backlog: dict[str, int] = {}
     sizes: dict[str, int] = {}
-    windows: list[MessageWindows] = []
-    events: list[float] = []
+    # Each service counts from its own database: one answer is the whole platform's figure.
+    messages: MessageWindows | None = None
+    events: float | None = None
     for status, stats in results:
         if stats is None:
             continue
@@ -120,18 +113,17 @@ async def system_view(
             backlog[status.name] = stats.outbox_backlog
         if stats.schema_bytes is not None:
             sizes[status.name] = stats.schema_bytes
-        if stats.messages is not None:
-            windows.append(stats.messages)
+        messages = stats.messages or messages
         if stats.events_per_minute is not None:
-            events.append(stats.events_per_minute)
+            events = stats.events_per_minute
     return SystemView(
         generated_at=datetime.now(UTC),
         services=[status for status, _ in results],
         consumer_lag=lags,
         outbox_backlog=backlog,
         database=DatabaseSize(schemas=sizes, total_bytes=sum(sizes.values())),
-        messages=_sum_windows(windows),
-        tracking_events_per_minute=sum(events) if events else None,
+        messages=messages,
+        tracking_events_per_minute=events,
     )
 
 
@@ -145,7 +137,8 @@ async def usage_report(
 ) -> UsageReport:
     """Recipients sent per account per day, top senders and quota use, from the campaign service."""
     try:
-        response = await client.get(
+        response = await _get(
+            client,
             f"{campaign_url}/internal/usage",
             params={"from": start.isoformat(), "to": end.isoformat()},
             headers=headers,

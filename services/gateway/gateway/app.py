@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ip_limiter=RateLimiter(
                 rate=settings.rate_limit_ip_per_second, burst=settings.rate_limit_ip_burst
             ),
+            trusted_proxies=settings.trusted_proxy_networks(),
             max_body_bytes=settings.max_body_bytes,
             max_upload_bytes=settings.max_upload_bytes,
             hsts_max_age=settings.hsts_max_age,

@@ -3,8 +3,9 @@
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from gateway.domain import Network, trusted_networks
 from herald.settings import SERVICE_PORTS, BaseServiceSettings
 
 
@@ -44,6 +45,10 @@ class Settings(BaseServiceSettings):
         (1 << 30) + (1 << 20), ge=1024, validation_alias="MAX_UPLOAD_BYTES"
     )
 
+    # Peers whose `X-Forwarded-For` is believed (load balancers, TLS terminators in front):
+    # comma-separated addresses or CIDR networks; empty: the peer is always the client.
+    trusted_proxies: str = Field("127.0.0.1,::1", validation_alias="GATEWAY_TRUSTED_PROXIES")
+
     # Comma-separated origins allowed to call the API from a browser; empty: no CORS at all.
     cors_origins: str = Field("", validation_alias="CORS_ORIGINS")
 
@@ -55,6 +60,12 @@ class Settings(BaseServiceSettings):
         60.0, ge=1, le=3600, validation_alias="OPENAPI_REFRESH_SECONDS"
     )
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_parse(cls, value: str) -> str:
+        trusted_networks(value)  # a ValueError names the bad entry
+        return value
+
     @model_validator(mode="after")
     def _tls_files_together(self) -> Self:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -64,6 +75,10 @@ class Settings(BaseServiceSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    def trusted_proxy_networks(self) -> list[Network]:
+        """The networks of `GATEWAY_TRUSTED_PROXIES`."""
+        return trusted_networks(self.trusted_proxies)
 
     def cors_origin_list(self) -> list[str]:
         """The configured CORS origins, without blanks."""

@@ -1,10 +1,13 @@
-"""Pure rules of the gateway: token buckets, media types, entity tags. No I/O."""
+"""Pure rules of the gateway: token buckets, media types, entity tags, client addresses.
+No I/O."""
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -113,3 +116,41 @@ def matches(if_none_match: str | None, etag: str) -> bool:
         return True
     wanted = etag.removeprefix("W/")
     return any(tag.strip().removeprefix("W/") == wanted for tag in if_none_match.split(","))
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(setting: str) -> list[Network]:
+    """`GATEWAY_TRUSTED_PROXIES` read: comma-separated addresses or networks (CIDR)."""
+    return [ipaddress.ip_network(p.strip(), strict=False) for p in setting.split(",") if p.strip()]
+
+
+def _trusted(address: str, proxies: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in proxies)
+
+
+def forwarded_chain(forwarded_for: str | None, peer: str, proxies: Sequence[Network]) -> list[str]:
+    """The `X-Forwarded-For` chain to pass on, ending with the client's address.
+
+    The peer is appended to what it sent only when the peer is a trusted proxy; otherwise what
+    it sent is anybody's claim and dropped. From the right, trusted proxies' addresses are then
+    taken off: the first address no trusted proxy owns is the client's, and ends the chain
+    (addresses left of it are kept, for the record; services read only the last one). An entry
+    that is not an address stops the walk at the trusted proxy that wrote it.
+    """
+    chain = [peer]
+    if forwarded_for and _trusted(peer, proxies):
+        chain = [e.strip() for e in forwarded_for.split(",")] + chain
+    end = len(chain)
+    while end > 1 and _trusted(chain[end - 1], proxies):
+        try:
+            ipaddress.ip_address(chain[end - 2])
+        except ValueError:
+            break
+        end -= 1
+    return chain[:end]

@@ -1,5 +1,8 @@
 """What the gateway does to every request and answer before routing: the edge policies.
 
+The client's address is decided first, from `X-Forwarded-For` only where the peer is one of
+`GATEWAY_TRUSTED_PROXIES` (`domain.forwarded_chain`): the rate limit, the logs and the services
+(the forwarded chain's last entry) all see that one address.
 Per client address, a token bucket (`429` with `Retry-After` and `RateLimit-*`); bodies bounded
 (`413`, by `Content-Length` at once or while a chunked body streams); security headers on every
 answer (HSTS over HTTPS, `nosniff`, `Referrer-Policy`, a default CSP on any HTML page that has
@@ -18,7 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.domain import Quota, RateLimiter
+from gateway.domain import Network, Quota, RateLimiter, forwarded_chain
 from gateway.metrics import REJECTED
 from gateway.routes import is_upload
 from herald.errors import ApiError, FieldError, error_json
@@ -46,12 +49,14 @@ class EdgeMiddleware:
         app: ASGIApp,
         *,
         ip_limiter: RateLimiter,
+        trusted_proxies: list[Network],
         max_body_bytes: int,
         max_upload_bytes: int,
         hsts_max_age: int,
     ) -> None:
         self.app = app
         self.ip_limiter = ip_limiter
+        self.trusted_proxies = trusted_proxies
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
         self.hsts = f"max-age={hsts_max_age}" if hsts_max_age else None
@@ -68,10 +73,20 @@ class EdgeMiddleware:
                 self._secure(MutableHeaders(scope=message), https, state.get("quota"))
             await send(message)
 
+        # The client's address, decided once: the rate limit, the logs and the services all
+        # see the same one (`scope["client"]`, and the chain the proxy forwards).
+        peer = scope.get("client")
+        chain = forwarded_chain(
+            _forwarded_for(scope),
+            peer[0] if peer else "unknown",
+            self.trusted_proxies,
+        )
+        scope["client"] = (chain[-1], peer[1] if peer else 0)
+        state["forwarded_for"] = ", ".join(chain)
+
         path: str = scope["path"]
         if self.ip_limiter.enabled and path not in _EXEMPT:
-            client = scope.get("client")
-            quota = self.ip_limiter.take(client[0] if client else "unknown", time.monotonic())
+            quota = self.ip_limiter.take(chain[-1], time.monotonic())
             state["quota"] = quota
             if not quota.allowed:
                 REJECTED.labels("ip_rate_limited").inc()
@@ -139,6 +154,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return bytes(value).decode("latin-1").strip()
     return None
+
+
+def _forwarded_for(scope: Scope) -> str | None:
+    # A proxy may add its own header line rather than extend the last: read them all, in order.
+    values = [bytes(v).decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
+    return ", ".join(values) if values else None
 
 
 def _bounded(receive: Receive, limit: int) -> Receive:

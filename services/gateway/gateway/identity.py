@@ -103,9 +103,9 @@ async def authenticate(request: Request) -> Caller:
     verified = extra(request, "verified_tokens", VerifiedTokens)
     now = time.monotonic()
     principal = verified.get(access, now)
-    if principal is not None and verifier.revocations.revoked(
-        principal.user_id, principal.issued_at
-    ):
+    # A cached token is checked against the live revocations: its user's cut-off and its login
+    # session (logout), so a logged-out token is refused here, not only by the services.
+    if principal is not None and verifier.revocations.refuses(principal):
         principal = None
     if principal is None:
         try:

@@ -4,7 +4,7 @@ from prometheus_client import Counter, Histogram
 
 UPSTREAM_REQUESTS = Counter(
     "herald_gateway_upstream_requests_total",
-    "Requests forwarded to a service, by outcome (answered, unavailable, timeout)",
+    "Requests forwarded to a service, by outcome (answered, retried, unavailable, timeout)",
     ["service", "outcome"],
 )
 UPSTREAM_LATENCY = Histogram(

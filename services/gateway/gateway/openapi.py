@@ -23,6 +23,7 @@ import httpx
 from pydantic.json_schema import models_json_schema
 
 from gateway.domain import entity_tag
+from gateway.examples import add_examples
 from gateway.routes import is_public, service_for
 from herald.errors import ErrorResponse
 
@@ -210,6 +211,7 @@ def merge(documents: Mapping[str, Document], *, version: str) -> Document:
                         merged["tags"].append({"name": tag})
             merged["paths"][path] = item
     merged["paths"] = dict(sorted(merged["paths"].items()))
+    add_examples(merged)
     _drop_unused_schemas(merged)
     return merged
 

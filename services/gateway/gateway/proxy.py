@@ -45,6 +45,15 @@ _DROP_REQUEST = {
     "x-user-role",
     "x-token-scope",
 }
+# Methods that change nothing: safe to send again when a connection fails under them.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+# Failures that leave no answer at all: refused, reset, or closed before the status line.
+_STALE_CONNECTION = (
+    httpx.ConnectError,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
 # Answers up to this size are read whole and sent with one write; larger ones stream.
 _READ_AT_ONCE = 64 * 1024
 _DROP_RESPONSE = {
@@ -73,9 +82,8 @@ def _request_headers(request: Request, caller: Caller | None) -> list[tuple[str,
     elif "authorization" in request.headers:
         # Public paths (logout of a stale session, say) still pass a token on untouched.
         headers.append(("authorization", request.headers["authorization"]))
-    client = request.client.host if request.client else "unknown"
-    forwarded_for = request.headers.get("x-forwarded-for")
-    headers.append(("x-forwarded-for", f"{forwarded_for}, {client}" if forwarded_for else client))
+    # Decided by the edge middleware from GATEWAY_TRUSTED_PROXIES: its last entry is the client.
+    headers.append(("x-forwarded-for", request.state.forwarded_for))
     headers.append(("x-forwarded-proto", request.url.scheme))
     headers.append(("x-request-id", logs.correlation_id.get() or logs.new_correlation_id()))
     return headers
@@ -98,30 +106,43 @@ async def _send(
         "transfer-encoding" in request.headers
     )
     client = upstreams.clients[service]
-    upstream_request = client.build_request(
-        request.method,
-        url,
-        headers=_request_headers(request, caller),
-        content=request.stream() if has_body else None,
-    )
+    headers = _request_headers(request, caller)
+    # A pooled connection the service closed (a restart, its keep-alive ending) fails before
+    # any answer: a request without a body that cannot change anything is sent once more, on
+    # a new connection. Others are not: the service may have acted on them.
+    retries = 1 if request.method in _IDEMPOTENT and not has_body else 0
     started = time.perf_counter()
-    try:
-        upstream = await client.send(upstream_request, stream=True)
-    except (httpx.ConnectError, httpx.ConnectTimeout):
-        UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
-        raise ApiError(
-            503, "service_unavailable", f"the {service} service is unavailable"
-        ) from None
-    except httpx.TimeoutException:
-        UPSTREAM_REQUESTS.labels(service, "timeout").inc()
-        raise ApiError(
-            504, "upstream_timeout", f"the {service} service did not answer in time"
-        ) from None
-    except httpx.TransportError:
-        UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
-        raise ApiError(
-            503, "service_unavailable", f"the {service} service is unavailable"
-        ) from None
+    while True:
+        upstream_request = client.build_request(
+            request.method, url, headers=headers, content=request.stream() if has_body else None
+        )
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+            break
+        except _STALE_CONNECTION:
+            if retries > 0:
+                retries -= 1
+                UPSTREAM_REQUESTS.labels(service, "retried").inc()
+                continue
+            UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
+            raise ApiError(
+                503, "service_unavailable", f"the {service} service is unavailable"
+            ) from None
+        except httpx.ConnectTimeout:
+            UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
+            raise ApiError(
+                503, "service_unavailable", f"the {service} service is unavailable"
+            ) from None
+        except httpx.TimeoutException:
+            UPSTREAM_REQUESTS.labels(service, "timeout").inc()
+            raise ApiError(
+                504, "upstream_timeout", f"the {service} service did not answer in time"
+            ) from None
+        except httpx.TransportError:
+            UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
+            raise ApiError(
+                503, "service_unavailable", f"the {service} service is unavailable"
+            ) from None
     UPSTREAM_REQUESTS.labels(service, "answered").inc()
     UPSTREAM_LATENCY.labels(service).observe(time.perf_counter() - started)
     return upstream

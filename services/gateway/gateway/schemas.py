@@ -11,23 +11,45 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 class MessageCounts(BaseModel):
     """Per-recipient outcomes in one window."""
 
-    sent: int = Field(0, ge=0)
-    deferred: int = Field(0, ge=0)
-    failed: int = Field(0, ge=0)
+    sent: int = Field(ge=0, description="recipients whose message the relay accepted")
+    deferred: int | None = Field(
+        None,
+        ge=0,
+        description="attempts deferred in the window; null while the dispatcher's records "
+        "keep no time of a deferral (see `awaiting_retry`)",
+    )
+    failed: int = Field(ge=0, description="recipients given up on (refused, or out of retries)")
 
 
 class MessageWindows(BaseModel):
-    """What the dispatcher reports under `messages` in its `/internal/stats`."""
+    """What the dispatcher reports under `messages` in its `/internal/stats`, counted from its
+    per-recipient records (so over every replica, and across restarts)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "last_minute": {"sent": 1180, "deferred": None, "failed": 3},
+                    "last_hour": {"sent": 52210, "deferred": None, "failed": 41},
+                    "awaiting_retry": 12,
+                }
+            ]
+        }
+    )
 
     last_minute: MessageCounts
     last_hour: MessageCounts
+    awaiting_retry: int | None = Field(
+        None, ge=0, description="recipients deferred now, waiting for their next attempt"
+    )
 
 
 class ServiceStats(BaseModel):
     """A service's `/internal/stats`: the shared figures, plus ones the service names itself.
 
     Known service-specific figures: `messages` (dispatcher: sent/deferred/failed in the last
-    minute and hour) and `events_per_minute` (tracking: events recorded in the last minute).
+    minute and hour) and `events_per_minute` (tracking: events consumed, provider notifications
+    and opens and clicks recorded in the last 60 seconds).
     """
 
     model_config = ConfigDict(extra="allow")

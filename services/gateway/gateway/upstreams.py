@@ -12,6 +12,10 @@ from herald.health import Check
 from herald.security import internal_headers
 from herald.service import Runtime, Worker
 
+# Idle pooled connections are dropped before the services' servers close them (uvicorn: after
+# 5 s), so a request is seldom written into a connection the other end is closing.
+KEEPALIVE_SECONDS = 3.0
+
 
 class Upstreams:
     """A pooled client per service for forwarding, one more for the gateway's own calls.
@@ -25,14 +29,20 @@ class Upstreams:
         self.clients = {
             service: httpx.AsyncClient(
                 timeout=httpx.Timeout(timeout, connect=2.0),
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=16),
+                limits=httpx.Limits(
+                    max_connections=100,
+                    max_keepalive_connections=16,
+                    keepalive_expiry=KEEPALIVE_SECONDS,
+                ),
             )
             for service in urls
         }
         # Health, statistics and API documents: few calls, short timeouts of their own.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=2.0),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=4),
+            limits=httpx.Limits(
+                max_connections=20, max_keepalive_connections=4, keepalive_expiry=KEEPALIVE_SECONDS
+            ),
         )
 
     async def aclose(self) -> None:

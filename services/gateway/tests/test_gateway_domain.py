@@ -1,4 +1,5 @@
-"""Unit tests of the gateway's pure rules: buckets, routes, media types, entity tags."""
+"""Unit tests of the gateway's pure rules: buckets, routes, media types, entity tags, client
+addresses."""
 
 import pytest
 
@@ -7,9 +8,11 @@ from gateway.domain import (
     RateLimiter,
     acceptable_body,
     entity_tag,
+    forwarded_chain,
     matches,
     media_type,
     tighter,
+    trusted_networks,
 )
 from gateway.routes import body_types, cache_scope, is_public, is_upload, service_for
 
@@ -137,3 +140,41 @@ def test_entity_tags_and_conditional_requests():
     assert matches("*", tag)
     assert not matches('"x"', tag)
     assert not matches(None, tag)
+
+
+PROXIES = trusted_networks("127.0.0.1, ::1, 10.8.0.0/16")
+
+
+@pytest.mark.parametrize(
+    ("forwarded_for", "peer", "chain"),
+    [
+        # No proxy in front: the peer is the client, whatever it claims.
+        (None, "203.0.113.5", ["203.0.113.5"]),
+        ("198.51.100.1", "203.0.113.5", ["203.0.113.5"]),
+        # A trusted proxy: what it appended is the client; the peer's own address is dropped.
+        ("198.51.100.1", "127.0.0.1", ["198.51.100.1"]),
+        # Through two trusted proxies; the client's own claim (left) is kept but not believed.
+        ("6.6.6.6, 198.51.100.1, 10.8.3.4", "127.0.0.1", ["6.6.6.6", "198.51.100.1"]),
+        # A client spoofing a trusted address behind an untrusted hop is not walked past.
+        ("10.8.0.1, 198.51.100.1", "::1", ["10.8.0.1", "198.51.100.1"]),
+        # A trusted proxy that passed on no address, or a malformed one.
+        (None, "127.0.0.1", ["127.0.0.1"]),
+        ("not-an-address", "10.8.0.2", ["not-an-address", "10.8.0.2"]),
+        (" , ", "127.0.0.1", ["", "", "127.0.0.1"]),
+        # Every hop trusted: the first one is the client.
+        ("10.8.0.9, 10.8.0.3", "127.0.0.1", ["10.8.0.9"]),
+    ],
+)
+def test_the_client_is_the_first_address_no_trusted_proxy_owns(
+    forwarded_for: str | None, peer: str, chain: list[str]
+):
+    assert forwarded_chain(forwarded_for, peer, PROXIES) == chain
+
+
+def test_no_trusted_proxies_means_the_peer_is_always_the_client():
+    assert forwarded_chain("198.51.100.1", "127.0.0.1", trusted_networks("")) == ["127.0.0.1"]
+
+
+def test_a_bad_trusted_proxy_setting_is_refused():
+    with pytest.raises(ValueError, match=r"10\.0\.0\.300"):
+        trusted_networks("127.0.0.1, 10.0.0.300")

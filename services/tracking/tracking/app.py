@@ -11,7 +11,7 @@ import httpx
 from fastapi import FastAPI
 
 from herald.service import Runtime, Worker, create_service_app
-from tracking import flows, store
+from tracking import flows, rates, store
 from tracking.api import router
 from tracking.buffer import ActivityBuffer, Flusher
 from tracking.config import Settings
@@ -65,8 +65,13 @@ def _hot_path(settings: Settings, rules: flows.Rules) -> Worker:
                 queued = await store.queued_deltas(conn)
             return {"buffered_events": len(buffer), "queued_rollup_changes": queued}
 
+        async def events_per_minute() -> float:
+            async with runtime.db.acquire() as conn:
+                return float(sum((await rates.events_last_minute(conn)).values()))
+
         runtime.checks["activity_flusher"] = alive
         runtime.stats["tracking"] = backlog
+        runtime.stats["events_per_minute"] = events_per_minute
         try:
             yield
         finally:
