@@ -8,11 +8,17 @@ whose handler keeps failing is dead-lettered after `max_attempts`. An unreachabl
 not the event's fault: that is retried, without committing, until it comes back. Offsets are
 committed only after the effects are durable.
 
-A broker that lost its log (the embedded one keeps nothing across a restart) answers a fetch at
-the committed position with nothing and a high-water mark below it, instead of an out-of-range
-error: the runner notices a position beyond the high-water mark and reads the partition again
-from its beginning, where the producers' relays publish what was lost. A batch fetched before
-the group rebalanced is not committed after it (its offsets may be the lost log's).
+A broker that lost its memory (the embedded one keeps nothing across a restart) has lost the
+group too: it answers the next heartbeat with an unknown member, and the group it then forms
+starts counting generations again. That is how the runner notices, whatever the new log holds by
+then: an assignment whose generation is not above the last one it saw reads every assigned
+partition from its beginning, where the producers' relays publish what was lost (duplicates cost
+an inbox lookup). Its position or a commit cannot tell: the embedded broker takes a commit from a
+member it no longer knows, so an offset of the lost log can land in the new group, and the relays
+may have republished past it before anyone looks. A log lost under a group that survives (a
+topic deleted and created again) shows as a position beyond the partition's high-water mark, and
+is read again from its beginning too. A batch fetched before the group rebalanced is not
+committed after it (its offsets may be the lost log's).
 """
 
 from __future__ import annotations
@@ -34,38 +40,45 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from prometheus_client import Counter
 
 from herald import db, inbox, logs
 from herald.db import Conn
 from herald.events import Envelope, EventData, PoisonMessage, decode
 from herald.kafka import client_options
-from herald.metrics import CONSUMER_LAG, EVENT_HANDLING, EVENTS_CONSUMED
+from herald.metrics import CONSUMER_LAG, CONSUMER_RESETS, EVENT_HANDLING, EVENTS_CONSUMED
 from herald.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
-
-CONSUMER_RESETS = Counter(
-    "herald_consumer_resets_total",
-    "Partitions read again from the beginning because the broker's log ended before our position",
-    ["group", "topic"],
-)
 
 Handler = Callable[[Envelope[Any], Conn], Awaitable[None]]
 Handlers = Mapping[type[EventData], Sequence[Handler]]
 
 
-class _Rebalances(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Counts the group's rebalances, so a batch fetched before one is not committed after it."""
+def group_generation(consumer: AIOKafkaConsumer) -> int | None:
+    """The generation of the consumer's group as of its latest join (None before one, or after
+    the coordinator forgot the member).
 
-    def __init__(self) -> None:
+    aiokafka keeps it on its group coordinator and has no public accessor, hence the private
+    attribute, read here only (tests/integration/test_broker_loss.py checks it).
+    """
+    generation = getattr(getattr(consumer, "_coordinator", None), "generation", None)
+    return generation if isinstance(generation, int) and generation >= 0 else None
+
+
+class _Rebalances(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Counts the group's rebalances, so a batch fetched before one is not committed after it,
+    and hands each new assignment to `on_assigned`."""
+
+    def __init__(self, on_assigned: Callable[[set[TopicPartition]], Awaitable[None]]) -> None:
         self.count = 0
+        self._on_assigned = on_assigned
 
     async def on_partitions_revoked(self, revoked: object) -> None:
         self.count += 1
 
-    async def on_partitions_assigned(self, assigned: object) -> None:
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.count += 1
+        await self._on_assigned(assigned)
 
 
 class ConsumerRunner:
@@ -94,6 +107,9 @@ class ConsumerRunner:
         self._retry_delay = retry_delay
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
+        # The group's generation at this runner's latest assignment: it only grows while the
+        # broker remembers the group.
+        self._generation: int | None = None
         self.running = False
         # Messages not yet consumed, per topic, as of the last batch (for /internal/stats).
         self.lag: dict[str, int] = {}
@@ -128,7 +144,11 @@ class ConsumerRunner:
             heartbeat_interval_ms=max(self._settings.kafka_session_timeout_ms // 6, 100),
         )
         await consumer.start()
-        rebalances = _Rebalances()
+
+        async def on_assigned(assigned: set[TopicPartition]) -> None:
+            await self._on_assigned(consumer, assigned)
+
+        rebalances = _Rebalances(on_assigned)
         consumer.subscribe(self.topics, listener=rebalances)
         self._consumer = consumer
         self.running = True
@@ -151,6 +171,27 @@ class ConsumerRunner:
             self._consumer = None
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+    async def _on_assigned(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
+        generation = group_generation(consumer)
+        if generation is None:
+            return
+        previous, self._generation = self._generation, generation
+        if previous is None or generation > previous or not assigned:
+            return
+        # Generations never go back in a group the broker kept: it lost the group, and with it
+        # every log (offsets committed meanwhile, ours included, may be the lost logs').
+        log.warning(
+            "the broker forgot the consumer group; reading its partitions again from the beginning",
+            extra={"group": self.group_id, "generation": generation, "previous": previous},
+        )
+        for tp in assigned:
+            CONSUMER_RESETS.labels(self.group_id, tp.topic).inc()
+        # The seek is recorded at once and done by the fetcher; no heartbeat is sent while this
+        # listener runs, so do not wait long for it (a partition without a leader yet).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await consumer.seek_to_beginning(*assigned)
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         try:

@@ -64,9 +64,7 @@ async def ensure_topics(
             return []
         count = partitions or settings.kafka_partitions
         new = [
-            # Dead-letter topics are low-volume; one partition keeps them easy to read in order.
-            NewTopic(t, 1 if t.endswith(".dlq") else count, settings.kafka_replication_factor)
-            for t in missing
+            NewTopic(t, _partitions(t, count), settings.kafka_replication_factor) for t in missing
         ]
         response = await admin.create_topics(new)
         created = []
@@ -78,6 +76,54 @@ async def ensure_topics(
         return created
     finally:
         await admin.close()
+
+
+async def recreate_misshapen_topics(
+    settings: BaseServiceSettings, topics: list[str], *, attempts: int = 10
+) -> list[str]:
+    """Delete and create again those of `topics` whose partition count is not Herald's; returns
+    them. Only for a broker that has just started empty: the embedded one creates a topic that a
+    client's metadata request names, with its own partition count, and keys would then map to
+    other partitions. What was written to them goes with them; the outbox relays publish it again.
+    """
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    redone: set[str] = set()
+    try:
+        for _ in range(attempts):
+            counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
+            wrong = [
+                t
+                for t in topics
+                if t in counts and counts[t] != _partitions(t, settings.kafka_partitions)
+            ]
+            if not wrong:
+                break
+            redone.update(wrong)
+            log.warning(
+                "topics created by the broker with its own partition count; recreating",
+                extra={"topics": wrong},
+            )
+            await admin.delete_topics(wrong)
+            # Clients may name them again in between: then they are recreated once more.
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        t,
+                        _partitions(t, settings.kafka_partitions),
+                        settings.kafka_replication_factor,
+                    )
+                    for t in wrong
+                ]
+            )
+        return sorted(redone)
+    finally:
+        await admin.close()
+
+
+def _partitions(topic: str, count: int) -> int:
+    # Dead-letter topics are low-volume; one partition keeps them easy to read in order.
+    return 1 if topic.endswith(".dlq") else count
 
 
 async def broker_reachable(producer: AIOKafkaProducer, timeout: float = 2.0) -> bool:

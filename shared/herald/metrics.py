@@ -42,6 +42,15 @@ CONSUMER_LAG = Gauge(
     "herald_consumer_lag", "Messages not yet consumed", ["group", "topic", "partition"]
 )
 OUTBOX_BACKLOG = Gauge("herald_outbox_backlog", "Events written but not yet published")
+OUTBOX_REPUBLISHED = Counter(
+    "herald_outbox_republished_total",
+    "Published events queued again because the broker lost them",
+)
+CONSUMER_RESETS = Counter(
+    "herald_consumer_resets_total",
+    "Partitions read again from the beginning because the broker lost their log or the group",
+    ["group", "topic"],
+)
 SERVICE_INFO = Gauge("herald_service_info", "Service identity (always 1)", ["service", "version"])
 
 

@@ -10,8 +10,9 @@ delivery is at least once, and consumers deduplicate by event id in their inbox.
 Published rows are kept for `OUTBOX_RETENTION_HOURS`, because a broker can lose what it
 acknowledged: the embedded one keeps nothing across a restart, and Kafka loses a log to a topic
 deleted and created again or an unclean leader election. The relay notices a partition whose log
-went back (a new acknowledgement at or below an offset it was given before, or the log's end at or
-below its latest publication there) and queues that partition's retained rows again.
+went back (a new acknowledgement at or below an offset it was given before, the log's end at or
+below its latest publication there, or the partition gone from a topic created again with fewer)
+and queues that partition's retained rows again.
 `republish` (and `python -m herald.outbox republish --since 15m`) does the same by time, for an
 operator.
 """
@@ -34,22 +35,16 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
-from prometheus_client import Counter
 
 from herald import db, logs
 from herald.db import Conn
 from herald.events import Envelope
 from herald.kafka import end_offsets
-from herald.metrics import EVENTS_PUBLISHED, OUTBOX_BACKLOG
+from herald.metrics import EVENTS_PUBLISHED, OUTBOX_BACKLOG, OUTBOX_REPUBLISHED
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_HOURS = 72
-
-OUTBOX_REPUBLISHED = Counter(
-    "herald_outbox_republished_total",
-    "Published events queued again because the broker lost them",
-)
 
 
 def _row(envelope: Envelope[Any]) -> tuple[Any, ...]:
@@ -297,8 +292,22 @@ class OutboxRelay:
             log.debug("cannot read end offsets", extra={"error": repr(exc)})
             return
         lost = {tp for tp, end in ends.items() if end <= self._floor.get(tp, -1)}
+        lost |= self._vanished()
         if lost:
             await self._recover(conn, lost, "the end offsets")
+
+    def _vanished(self) -> set[TopicPartition]:
+        """Partitions we published on that the topic, as the broker now has it, does not have: a
+        topic created again with fewer partitions (the embedded broker creates a topic a client
+        asks for before Herald does, with its own count) lost them, and `end_offsets` leaves
+        them out."""
+        cluster = self._producer.client.cluster
+        vanished = set()
+        for tp in self._floor:
+            partitions = cluster.partitions_for_topic(tp.topic)
+            if partitions and tp.partition not in partitions:
+                vanished.add(tp)
+        return vanished
 
     def _note(self, acks: Iterable[RecordMetadata]) -> set[TopicPartition]:
         """Remember where the broker put this publication; the partitions whose log went back."""

@@ -30,14 +30,8 @@ async def faults_platform() -> AsyncIterator[Stack]:
 # that asks for the mark to be removed. None at present.
 KNOWN_FAILURES: dict[str, str] = {}
 # Scenarios that fail some of the time, with the reason: not strict, as they pass as often.
-# Every recipient is mailed exactly once even then; what can go missing is campaign's and
-# tracking's record of it. A consumer notices a lost log by its position lying past the new log's
-# end, but when relays republish faster than it fetches (a busy machine: 2 runs in 5 failed with
-# two suites side by side, 0 in 3 alone), the new log has grown past its old position first and
-# it reads on from there, skipping the head of the new log.
-INTERMITTENT: dict[str, str] = {
-    "6 broker restart": "a consumer may not notice the lost log when the new one outgrew it"
-}
+# None at present.
+INTERMITTENT: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.metadata import MetadataRequest
 from prometheus_client import REGISTRY
 
 from herald import outbox
-from herald.consumer import ConsumerRunner
+from herald.consumer import ConsumerRunner, group_generation
 from herald.devinfra.broker import EmbeddedBroker
 from herald.devinfra.process import free_port
 from herald.devinfra.stack import Stack
 from herald.events import Envelope
-from herald.kafka import end_offsets, ensure_topics
+from herald.kafka import end_offsets, ensure_topics, recreate_misshapen_topics
 from tests.integration.test_outbox_inbox import Pinged, Service, _is, count_effect, eventually
 
 TOPICS = ["test.pinged", "test.pinged.dlq"]
@@ -254,3 +256,82 @@ async def test_the_relay_publishes_again_what_the_broker_lost_and_effects_stay_o
     await eventually(lambda: _all_once(service, unread), timeout=40)
     await asyncio.sleep(1)
     assert [await service.times_applied(t) for t in read + unread] == [1] * 10
+
+
+async def test_the_group_generation_goes_back_when_the_broker_forgets_the_group(
+    broker: EmbeddedBroker, service: Service
+):
+    """What the runner relies on, read through the one private attribute it uses: the group the
+    broker forms after losing its memory counts generations again."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers,
+        group_id=f"gen-{uuid.uuid4().hex[:8]}",
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=300,
+    )
+    await consumer.start()
+    try:
+        assert group_generation(consumer) is None
+        consumer.subscribe(["test.pinged"])
+        seen: list[int] = []
+
+        async def joined() -> bool:
+            await consumer.getmany(timeout_ms=100)
+            generation = group_generation(consumer)
+            if generation is not None and consumer.assignment():
+                seen.append(generation)
+                return True
+            return False
+
+        await eventually(joined)
+        await restart(broker, service)
+        first = seen[-1]
+        seen.clear()
+        await eventually(joined, timeout=40)
+        assert seen[-1] <= first
+    finally:
+        await consumer.stop()
+
+
+async def test_a_consumer_reads_all_of_a_lost_log_even_once_the_new_one_outgrew_its_position(
+    service: Service, broker: EmbeddedBroker
+):
+    """The race of issue 9: before the consumer looks, the new log already holds more than its old
+    position (relays republish fast), so its position never lies beyond the end."""
+    runner = service.consume(count_effect)
+    key = uuid.uuid4().hex.encode()
+    before = [uuid.uuid4() for _ in range(5)]
+    for thing in before:
+        await _send(service, thing, key)
+    await eventually(lambda: _all_once(service, before))
+    resets = _resets(runner.group_id)
+
+    await restart(broker, service)
+    after = [uuid.uuid4() for _ in range(20)]
+    for thing in after:
+        await _send(service, thing, key)
+    await eventually(lambda: _all_once(service, [*before, *after]), timeout=40)
+    assert _resets(runner.group_id) > resets
+
+
+async def test_topics_the_broker_created_with_its_own_partition_count_are_created_again(
+    broker: EmbeddedBroker, service: Service
+):
+    topic = f"test.shape.{uuid.uuid4().hex[:8]}"
+    client = AIOKafkaClient(bootstrap_servers=broker.bootstrap_servers)
+    await client.bootstrap()
+    try:
+        # A metadata request naming a topic creates it, as a client reconnecting does.
+        node = next(iter(client.cluster.brokers())).nodeId
+        response = await client.send(node, MetadataRequest([topic]))
+        assert [len(t[-1]) for t in response.topics if t[1] == topic] != [3]
+    finally:
+        await client.close()
+    assert await recreate_misshapen_topics(service.settings, [topic, "test.pinged"]) == [topic]
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        assert len(described["partitions"]) == 3
+    finally:
+        await admin.close()

@@ -24,7 +24,7 @@ from herald.devinfra.broker import EmbeddedBroker
 from herald.devinfra.postgres import EmbeddedPostgres
 from herald.devinfra.process import die_with_parent, free_port
 from herald.devinfra.secrets import development_secrets
-from herald.kafka import ensure_topics
+from herald.kafka import ensure_topics, recreate_misshapen_topics
 from herald.settings import SERVICE_PORTS, BaseServiceSettings
 
 SERVICES = list(SERVICE_PORTS)
@@ -193,7 +193,13 @@ class Stack:
         await asyncio.to_thread(self.broker.stop, kill=kill)
 
     async def start_broker(self) -> None:
-        """Start the embedded broker again, on its port, and create the topics anew."""
+        """Start the embedded broker again, on its port, and create the topics anew.
+
+        Services reconnecting at the same moment often get there first: the broker then creates
+        a topic they name with its own partition count (4), and such topics are created again
+        with the stack's. Relays publish again what was on them, including what went to a
+        partition the topic no longer has.
+        """
         assert self.broker is not None, "only the embedded broker can be started"
         await asyncio.to_thread(self.broker.start)
         await self.create_topics()
@@ -214,6 +220,7 @@ class Stack:
             kafka_partitions=self.config.kafka_partitions,
         )
         await ensure_topics(settings, events.topics())
+        await recreate_misshapen_topics(settings, events.topics())
 
     async def migrate(self) -> None:
         await migrations.migrate_services(self.database_url, BACKEND_SERVICES)
