@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 
-from dispatcher import store
+from dispatcher import activity, store
 from dispatcher.config import Settings
 from dispatcher.delivery import Engine, Handover, HandoverJournal, owner_key
 from dispatcher.domain import ASSUMED_ACCEPTED
@@ -259,6 +259,23 @@ async def test_451_defers_and_the_retry_delivers(harness: Harness):
         ("deferred", 1, 451),
         ("sent", 2, 250),
     ]
+
+
+async def test_recent_outcomes_count_what_the_records_went_through(harness: Harness):
+    """The administrators' figures: sent, deferred and failed in the window, from the records."""
+    await harness.behave(
+        {"match": harness.address(0), "action": "defer", "times": 1},
+        {"match": harness.address(1), "action": "reject"},
+    )
+    await harness.start()
+    email_id = await harness.queue(4)
+    await harness.settled(
+        email_id, lambda s: sorted(s.values()) == ["failed", "sent", "sent", "sent"]
+    )
+    async with harness.pool.acquire() as conn:
+        figures = await activity.recent_outcomes(conn)
+    counts = {"sent": 3, "deferred": 1, "failed": 1}
+    assert figures == {"last_minute": counts, "last_hour": counts, "awaiting_retry": 0}
 
 
 async def test_550_fails_the_message_and_reports_a_hard_bounce(harness: Harness):

@@ -210,6 +210,7 @@ async def test_admin_system_counts_what_was_delivered(
     assert messages["last_hour"]["failed"] - before["messages"]["last_hour"]["failed"] == 1
     assert messages["last_hour"]["sent"] >= messages["last_minute"]["sent"]
     assert isinstance(messages["awaiting_retry"], int)
+    assert isinstance(messages["last_hour"]["deferred"], int), messages
     # Tracking consumed the three outcomes (and the fan-out) within the last minute.
     assert after["tracking_events_per_minute"] >= 3, after["tracking_events_per_minute"]
     by_name = {s["name"]: s for s in after["services"]}

@@ -205,7 +205,9 @@ async def record_outcomes(
                     claimed_by = NULL,
                     handed_over_at = CASE WHEN o.state = 'sent' THEN m.handed_over_at END,
                     next_attempt_at = coalesce(o.next_at, m.next_attempt_at),
-                    finished_at = CASE WHEN o.state IN ('sent', 'failed') THEN now() END
+                    finished_at = CASE WHEN o.state IN ('sent', 'failed') THEN now() END,
+                    last_deferred_at = CASE WHEN o.state = 'deferred' THEN now()
+                                            ELSE m.last_deferred_at END
                 FROM unnest($2::uuid[], $3::text[], $4::int[], $5::text[], $6::timestamptz[])
                      AS o(id, state, code, reply, next_at)
                 WHERE m.id = o.id AND m.claimed_by = $1 AND m.state = 'sending'

@@ -15,8 +15,8 @@ class MessageCounts(BaseModel):
     deferred: int | None = Field(
         None,
         ge=0,
-        description="attempts deferred in the window; null while the dispatcher's records "
-        "keep no time of a deferral (see `awaiting_retry`)",
+        description="recipients whose latest attempt in the window was deferred (a temporary "
+        "refusal; retried later); null from a dispatcher too old to count them",
     )
     failed: int = Field(ge=0, description="recipients given up on (refused, or out of retries)")
 
@@ -29,8 +29,8 @@ class MessageWindows(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "last_minute": {"sent": 1180, "deferred": None, "failed": 3},
-                    "last_hour": {"sent": 52210, "deferred": None, "failed": 41},
+                    "last_minute": {"sent": 1180, "deferred": 7, "failed": 3},
+                    "last_hour": {"sent": 52210, "deferred": 95, "failed": 41},
                     "awaiting_retry": 12,
                 }
             ]
