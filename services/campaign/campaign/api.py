@@ -171,6 +171,22 @@ async def cancel_email(
     return _out(row)
 
 
+@router.post("/emails/{email_id}/retry-failed", status_code=202)
+async def retry_failed(
+    email_id: uuid.UUID, request: Request, principal: Principal = Depends(full_access)
+) -> EmailOut:
+    """Send a finished email again to the recipients that failed because of a temporary
+    problem (deferred past the retry horizon, unreachable relay); those refused for good (5xx,
+    hard bounces), unsendable or suppressed since keep their failure. Nobody already sent gets a
+    second copy. The email is `sending` again, its `failed` count starting over, until every failed
+    recipient has an outcome again. 409 while it is under way, when nobody failed, or more than
+    7 days after it went out."""
+    row = await emails.retry_failed(
+        _campaign(request), account_id=principal.account_id, email_id=email_id
+    )
+    return _out(row)
+
+
 @router.post("/send", status_code=202, response_model_exclude_none=True)
 async def send(
     body: SendRequest, request: Request, principal: Principal = Depends(current_principal)

@@ -52,13 +52,23 @@ class _Owned(BaseModel):
     unknown_contact_ids: list[uuid.UUID]
 
 
+# The most addresses `/internal/suppressed` takes at once.
+_SUPPRESSED_CHUNK = 5000
+
+
+class _Suppressed(BaseModel):
+    suppressed: list[str]
+
+
 class ContactsClient:
-    """`POST /internal/recipients` and `/internal/owned` of the contacts service."""
+    """`POST /internal/recipients`, `/internal/owned` and `/internal/suppressed` of the contacts
+    service."""
 
     def __init__(self, http: httpx.AsyncClient, *, base_url: str, headers: dict[str, str]) -> None:
         self._http = http
         self._url = base_url.rstrip("/") + "/internal/recipients"
         self._owned_url = base_url.rstrip("/") + "/internal/owned"
+        self._suppressed_url = base_url.rstrip("/") + "/internal/suppressed"
         self._headers = headers
 
     async def unknown(
@@ -84,6 +94,24 @@ class ContactsClient:
         except ValidationError:
             raise Unavailable("contacts: unreadable answer") from None
         return owned.unknown_list_ids, owned.unknown_contact_ids
+
+    async def suppressed(self, *, account_id: uuid.UUID, emails: Sequence[str]) -> set[str]:
+        """Those of `emails` that must not be mailed any more (lower-cased)."""
+        found: set[str] = set()
+        for start in range(0, len(emails), _SUPPRESSED_CHUNK):
+            body = {
+                "account_id": str(account_id),
+                "emails": list(emails[start : start + _SUPPRESSED_CHUNK]),
+            }
+            response = await _post(self._http, self._suppressed_url, body, self._headers)
+            if response.status_code != 200:
+                raise Unavailable(f"{self._suppressed_url}: HTTP {response.status_code}")
+            try:
+                answer = _Suppressed.model_validate_json(response.content)
+            except ValidationError:
+                raise Unavailable("contacts: unreadable answer") from None
+            found |= {e.lower() for e in answer.suppressed}
+        return found
 
     async def _page(
         self,

@@ -23,6 +23,10 @@ EDITABLE: frozenset[str] = frozenset({"draft"})
 SENDABLE: frozenset[str] = frozenset({"draft", "scheduled"})
 CANCELLABLE: frozenset[str] = frozenset({"scheduled", "queued"})
 UNDER_WAY: frozenset[str] = frozenset({"scheduled", "queued", "sending"})
+FINISHED: frozenset[str] = frozenset({"sent", "failed"})
+# How long after it went out an email's failed recipients can be retried: the dispatcher keeps
+# its delivery records at least 8 days (DISPATCHER_RETENTION_DAYS), and a retry needs them.
+RETRY_WINDOW = timedelta(days=7)
 
 
 def invalid(field: str, message: str) -> ApiError:
@@ -198,6 +202,22 @@ def completion(
     if status not in UNDER_WAY or recipients is None or sent + failed < recipients:
         return None
     return "failed" if recipients > 0 and sent == 0 else "sent"
+
+
+def check_retry(*, status: str, failed: int, sent_at: datetime | None, now: datetime) -> None:
+    """409 naming why an email's failed recipients cannot be retried now."""
+    if status not in FINISHED:
+        raise conflict(
+            f"this email is {status}: only a sent or failed email's failed recipients can be"
+            " retried, once every recipient has an outcome"
+        )
+    if failed == 0:
+        raise conflict("no recipient of this email failed: there is nothing to retry")
+    if sent_at is not None and now - sent_at > RETRY_WINDOW:
+        raise conflict(
+            f"this email went out more than {RETRY_WINDOW.days} days ago: its delivery records"
+            " may be gone, so its failed recipients can no longer be retried"
+        )
 
 
 def encode_cursor(created_at: datetime, email_id: uuid.UUID) -> str:

@@ -23,7 +23,13 @@ from herald import outbox
 from herald.db import Conn
 from herald.errors import ApiError, not_found
 from herald.events import Envelope
-from herald.events.campaign import Audience, EmailCancelled, EmailContent, EmailScheduled
+from herald.events.campaign import (
+    Audience,
+    EmailCancelled,
+    EmailContent,
+    EmailRetryRequested,
+    EmailScheduled,
+)
 from herald.events.requests import SendRequested
 from herald.links import LinkSigner, UnsubscribeToken
 from herald.templates import TemplateProblem, compile_email, render_context
@@ -414,6 +420,46 @@ async def cancel(app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID) -
         row = await store.mark_cancelled(conn, email_id=email_id)
         cancelled = EmailCancelled(email_id=email_id, revision=row["revision"])
         await outbox.write(conn, Envelope.wrap(cancelled, account_id=account_id))
+        return row
+
+
+def _check_retry(email: asyncpg.Record) -> None:
+    domain.check_retry(
+        status=email["status"],
+        failed=email["failed_count"],
+        sent_at=email["send_at"],
+        now=datetime.now(UTC),
+    )
+
+
+async def retry_failed(
+    app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID
+) -> asyncpg.Record:
+    """Ask the dispatcher to try a finished email's failed recipients again (409 if none)."""
+    email = await get(app, account_id=account_id, email_id=email_id)
+    _check_retry(email)
+    suppressed: set[str] = set()
+    if email["kind"] != "system":
+        # Someone may have unsubscribed (or bounced elsewhere) since: as at the first send,
+        # the suppression list decides, so they keep their failure.
+        async with app.pool.acquire() as conn:
+            failed = await store.failed_recipients(conn, email_id=email_id)
+        try:
+            suppressed = await app.contacts.suppressed(account_id=account_id, emails=failed)
+        except Unavailable as exc:
+            raise _unavailable(exc) from None
+    async with app.pool.acquire() as conn, conn.transaction():
+        locked = await store.get_email(conn, account_id=account_id, email_id=email_id, lock=True)
+        if locked is None:
+            raise not_found("email")
+        _check_retry(locked)
+        row = await store.forget_failed(conn, email_id=email_id)
+        if row["forgotten"] == 0:
+            raise domain.conflict("no recipient of this email failed: there is nothing to retry")
+        retry = EmailRetryRequested(
+            email_id=email_id, failed=row["forgotten"], suppressed=sorted(suppressed)
+        )
+        await outbox.write(conn, Envelope.wrap(retry, account_id=account_id))
         return row
 
 

@@ -354,6 +354,31 @@ async def finish(conn: Conn, *, email_id: uuid.UUID, status: str) -> None:
     )
 
 
+async def failed_recipients(conn: Conn, *, email_id: uuid.UUID) -> list[str]:
+    """The (lower-cased) recipients of the email whose outcome is a failure."""
+    rows = await conn.fetch(
+        "SELECT recipient FROM outcomes WHERE email_id = $1 AND status = 'failed'", email_id
+    )
+    return [row["recipient"] for row in rows]
+
+
+async def forget_failed(conn: Conn, *, email_id: uuid.UUID) -> asyncpg.Record:
+    """Drop the email's failed outcomes so they are counted again when retried; the email, back
+    to `sending`, with `forgotten` (how many were dropped)."""
+    row = await conn.fetchrow(
+        f"""WITH forgotten AS (
+                DELETE FROM outcomes WHERE email_id = $1 AND status = 'failed' RETURNING 1)
+            UPDATE emails
+               SET failed_count = failed_count - (SELECT count(*) FROM forgotten),
+                   status = 'sending', completed_at = NULL, updated_at = now()
+             WHERE id = $1
+         RETURNING {_EMAIL_COLUMNS}, (SELECT count(*) FROM forgotten)::int AS forgotten""",
+        email_id,
+    )
+    assert row is not None
+    return row
+
+
 async def usage_by_day(conn: Conn, *, start: date, end: date) -> list[asyncpg.Record]:
     """Recipients sent and failed per account per quota day, `start` to `end` inclusive."""
     return list(

@@ -141,3 +141,23 @@ def test_cursors_round_trip_and_garbage_is_a_422():
     assert domain.decode_cursor(domain.encode_cursor(NOW, email_id)) == (NOW, email_id)
     with fails(422, "cursor"):
         domain.decode_cursor("garbage!")
+
+
+def test_only_a_finished_email_with_failures_and_recent_can_be_retried():
+    recent = NOW - timedelta(hours=1)
+    domain.check_retry(status="sent", failed=1, sent_at=recent, now=NOW)
+    domain.check_retry(status="failed", failed=3, sent_at=recent, now=NOW)
+    domain.check_retry(status="sent", failed=1, sent_at=NOW - timedelta(days=6), now=NOW)
+    refusals = [
+        ("sending", 1, recent, "this email is sending"),
+        ("scheduled", 0, recent, "this email is scheduled"),
+        ("cancelled", 1, recent, "this email is cancelled"),
+        ("draft", 0, None, "this email is draft"),
+        ("sent", 0, recent, "nothing to retry"),
+        ("failed", 2, NOW - timedelta(days=8), "more than 7 days ago"),
+    ]
+    for status, failed, sent_at, why in refusals:
+        with pytest.raises(ApiError) as caught:
+            domain.check_retry(status=status, failed=failed, sent_at=sent_at, now=NOW)
+        assert caught.value.status == 409, status
+        assert why in caught.value.message, (status, caught.value.message)

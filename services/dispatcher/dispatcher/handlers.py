@@ -1,11 +1,13 @@
 """Event handlers of the dispatcher service, named when_<event>_<action>.
 
-Consumes `email.dispatch`; what is sent is published on `email.dispatched` (and hard bounces on
-`email.bounced`) by the delivery engine, which works from the records queued here.
+Consumes `email.dispatch` and `email.retries`; what is sent is published on `email.dispatched`
+(and hard bounces on `email.bounced`) by the delivery engine, which works from the records queued
+here.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -17,7 +19,10 @@ from herald import outbox
 from herald.consumer import Handlers
 from herald.db import Conn
 from herald.events import Envelope
+from herald.events.campaign import EmailRetryRequested
 from herald.events.scheduler import DispatchBatch
+
+log = logging.getLogger(__name__)
 
 
 async def when_dispatch_batch_received(envelope: Envelope[DispatchBatch], conn: Conn) -> None:
@@ -70,4 +75,36 @@ async def when_dispatch_batch_received(envelope: Envelope[DispatchBatch], conn: 
     RECIPIENTS_QUEUED.inc(queued)
 
 
-HANDLERS: Handlers = {DispatchBatch: [when_dispatch_batch_received]}
+async def when_retry_requested_requeue_failed(
+    envelope: Envelope[EmailRetryRequested], conn: Conn
+) -> None:
+    """Queue the email's messages that failed for want of more retries once more (unless
+    suppressed since); publish the outcome of the others that failed (refused for good,
+    unsendable, suppressed) again, so that the campaign service, which forgot every failure of
+    the email, counts them. Sent ones are not touched."""
+    email_id, account_id = envelope.data.email_id, envelope.account_id
+    if account_id is None:
+        raise ValueError("an EmailRetryRequested must carry the account_id of its email")
+    requeued = await store.requeue_given_up(
+        conn, email_id=email_id, account_id=account_id, besides=envelope.data.suppressed
+    )
+    kept = await store.failed_messages(conn, email_id=email_id, account_id=account_id)
+    await outbox.write_many(conn, outcome_events(kept))
+    if requeued + len(kept) != envelope.data.failed:
+        # The campaign service waits for `failed` outcomes: a mismatch leaves it waiting.
+        log.warning(
+            "retry of an email's failed recipients found a different number of them",
+            extra={
+                "email_id": str(email_id),
+                "expected": envelope.data.failed,
+                "requeued": requeued,
+                "kept": len(kept),
+            },
+        )
+    RECIPIENTS_QUEUED.inc(requeued)
+
+
+HANDLERS: Handlers = {
+    DispatchBatch: [when_dispatch_batch_received],
+    EmailRetryRequested: [when_retry_requested_requeue_failed],
+}

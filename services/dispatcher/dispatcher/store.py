@@ -103,6 +103,44 @@ async def record_unsendable(
     )
 
 
+async def requeue_given_up(
+    conn: Conn, *, email_id: uuid.UUID, account_id: uuid.UUID, besides: Sequence[str] = ()
+) -> int:
+    """Queue again the email's messages that failed only because their retries ran out (the
+    delivery engine's "gave up after" reply: 4xx, timeouts, lost connections), but those to the
+    lower-cased addresses `besides`, due now with a fresh retry horizon; returns how many.
+    `attempts` goes on counting."""
+    status: str = await conn.execute(
+        """UPDATE messages
+           SET state = 'queued', next_attempt_at = now(), queued_at = now(), finished_at = NULL,
+               smtp_code = NULL, smtp_reply = NULL, claimed_by = NULL, handed_over_at = NULL
+           WHERE email_id = $1 AND account_id = $2 AND state = 'failed'
+             AND smtp_reply LIKE 'gave up after %' AND lower(recipient) <> ALL($3::text[])""",
+        email_id,
+        account_id,
+        list(besides),
+    )
+    requeued = int(status.split()[-1])
+    if requeued:
+        # Wake the dispatchers listening, as new messages do.
+        await conn.execute("SELECT pg_notify(current_schema() || '_messages', '')")
+    return requeued
+
+
+async def failed_messages(
+    conn: Conn, *, email_id: uuid.UUID, account_id: uuid.UUID
+) -> list[asyncpg.Record]:
+    """The email's failed message records, as outcome events are made of them."""
+    return list(
+        await conn.fetch(
+            f"""SELECT {_OUTCOME_COLUMNS} FROM messages m
+                WHERE m.email_id = $1 AND m.account_id = $2 AND m.state = 'failed'""",
+            email_id,
+            account_id,
+        )
+    )
+
+
 async def claim(
     conn: Conn, *, owner: uuid.UUID, limit: int, skip_accounts: Sequence[uuid.UUID] = ()
 ) -> list[asyncpg.Record]:

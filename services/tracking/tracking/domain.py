@@ -3,8 +3,10 @@
 Counts are per recipient state, not per event: an outcome or notification that arrives twice
 (redelivered under another event id) finds the state already moved and adds nothing.
 
-- `sent` / `failed`: the relay's final answer (first one wins); `deferred` in `email_stats` is
-  recipients waiting for a retry now, in the hourly/daily buckets it is deferrals that happened.
+- `sent` / `failed`: the relay's final answer (first one wins, but a failure moves on when a
+  later attempt retries it: the totals then count the recipient's new state, while the buckets
+  keep the failure in the hour it happened); `deferred` in `email_stats` is recipients waiting
+  for a retry now, in the hourly/daily buckets it is deferrals that happened.
 - `delivered`: sent and not bounced since (a later bounce takes it back from the hour it was
   sent in); `confirmed`: the provider reported the delivery (SES Delivery, SendGrid delivered).
 - `bounced` counts recipients with any bounce, `hard_bounced` those with a permanent one.
@@ -307,8 +309,17 @@ def record_outcome(
     smtp_reply: str | None,
 ) -> bool:
     """Apply the relay's answer to one attempt; False when it changes nothing (a repeat)."""
-    if r.status in ("sent", "failed"):
+    if r.status == "sent":
         return False
+    if r.status == "failed":
+        # Only a later attempt moves a failure on (the sender retried the failed recipients);
+        # the failure published again under the same attempt is a repeat.
+        if attempt <= r.attempts:
+            return False
+        # Totals count where the recipient stands now; the buckets keep the failure in the
+        # hour it happened.
+        rollup.add("stats", r.email_id, r.account_id, at, failed=-1)
+        r.status = "queued"
     if status == "deferred":
         if attempt <= r.attempts and r.status == "deferred":
             return False

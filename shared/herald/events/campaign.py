@@ -68,3 +68,21 @@ class EmailCancelled(EventData):
 
     def partition_key(self) -> str:
         return str(self.email_id)
+
+
+@event
+class EmailRetryRequested(EventData):
+    """Try `email_id`'s failed recipients again: those refused for good (5xx), unsendable, or
+    `suppressed` since (lower-cased addresses) keep their failure and have it published again;
+    the others are queued once more. `failed`: how many outcomes the campaign service waits
+    for again."""
+
+    TYPE: ClassVar[str] = "email.retry_requested"
+    TOPIC: ClassVar[str] = "email.retries"
+
+    email_id: uuid.UUID
+    failed: int
+    suppressed: list[str] = Field(default_factory=list)
+
+    def partition_key(self) -> str:
+        return str(self.email_id)
