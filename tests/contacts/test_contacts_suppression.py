@@ -18,27 +18,14 @@ from herald.events.contacts import ContactSuppressed
 from herald.events.tracking import EmailBounced, EmailComplained
 from herald.links import ClickToken, LinkSigner, UnsubscribeToken
 from tests.conftest import TokenMaker
+from tests.contacts.conftest import Account as Caller
 
 
-class Account:
-    def __init__(self, gateway: httpx.AsyncClient, mint_token: TokenMaker) -> None:
-        self.gateway = gateway
-        self.id = uuid.uuid4()
-        self.headers = {"Authorization": f"Bearer {mint_token(self.id)}"}
+class Account(Caller):
+    """A caller that also reads contacts' statuses and makes lists by id."""
 
-    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return await self.gateway.request(method, path, headers=self.headers, **kwargs)
-
-    async def contact(self, email: str | None = None, **fields: Any) -> dict[str, Any]:
-        email = email or f"s-{uuid.uuid4().hex[:10]}@example.com"
-        response = await self.call("POST", "/contacts", json={"email": email, **fields})
-        assert response.status_code == 201, response.text
-        return dict(response.json())
-
-    async def new_list(self) -> str:
-        response = await self.call("POST", "/lists", json={"name": uuid.uuid4().hex})
-        assert response.status_code == 201, response.text
-        return str(response.json()["id"])
+    async def list_id(self) -> str:
+        return str((await self.new_list())["id"])
 
     async def status_of(self, contact_id: str) -> str:
         response = await self.call("GET", f"/contacts/{contact_id}")
@@ -158,7 +145,7 @@ def suppressed_event(email: str) -> Callable[[Any], bool]:
 async def test_one_click_unsubscribe_excludes_the_contact_from_the_next_send(
     account: Account, internal: httpx.AsyncClient, signer: LinkSigner, platform: Stack
 ):
-    the_list = await account.new_list()
+    the_list = await account.list_id()
     email = f"o'brien&co-{uuid.uuid4().hex[:8]}@example.com"
     leaving = await account.contact(email, list_ids=[the_list])
     staying = await account.contact(list_ids=[the_list])
@@ -331,7 +318,7 @@ async def test_bounces_and_complaints_suppress_and_say_so(
 async def test_recipients_merge_lists_and_page_stably(
     account: Account, internal: httpx.AsyncClient, gateway: httpx.AsyncClient, mint_token
 ):
-    first, second = await account.new_list(), await account.new_list()
+    first, second = await account.list_id(), await account.list_id()
     people = [
         await account.contact(
             first_name=f"P{i}",
@@ -344,7 +331,7 @@ async def test_recipients_merge_lists_and_page_stably(
     gone = await account.contact(list_ids=[first])
     await account.call("PATCH", f"/contacts/{gone['id']}", json={"status": "unsubscribed"})
     stranger = Account(gateway, mint_token)
-    their_list = await stranger.new_list()
+    their_list = await stranger.list_id()
     await stranger.contact(list_ids=[their_list])
 
     audience: dict[str, Any] = {
@@ -364,6 +351,37 @@ async def test_recipients_merge_lists_and_page_stably(
     }
     nothing = await recipients(internal, stranger, **audience)
     assert len(nothing) == 1  # only the stranger's own list counts for the stranger
+
+    # Attributes go out as the database keeps them: every JSON type, nested, any script.
+    rich = {
+        "city": "Zürich 東京",
+        "score": 1.5,
+        "seats": 10**15,
+        "vip": True,
+        "none": None,
+        "tags": ["a", '"q" <b>\\'],
+        "nested": {"k": {"deep": []}},
+    }
+    rich_list = await account.list_id()
+    made = await account.contact(first_name="Ünal", attributes=rich, list_ids=[rich_list])
+    answer = await internal.post(
+        "/internal/recipients", json={"account_id": str(account.id), "list_ids": [rich_list]}
+    )
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json() == {
+        "items": [
+            {
+                "email": made["email"],
+                "contact_id": made["id"],
+                "first_name": "Ünal",
+                "last_name": None,
+                "attributes": rich,
+            }
+        ],
+        "next_cursor": None,
+    }
+    empty = await internal.post("/internal/recipients", json={"account_id": str(account.id)})
+    assert empty.json() == {"items": [], "next_cursor": None}
 
     bad = await internal.post(
         "/internal/recipients", json={"account_id": str(account.id), "after": "zzz"}

@@ -8,6 +8,7 @@ import uuid
 from typing import Annotated, Any
 
 import asyncpg
+import orjson
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -38,6 +39,7 @@ from contacts.schemas import (
     SuppressedQuery,
     Unsubscribed,
 )
+from herald.db import Conn
 from herald.errors import ERROR_RESPONSES, ApiError, not_found
 from herald.links import LinkSigner, UnsubscribeToken
 from herald.security import Principal, full_access, internal_caller
@@ -75,10 +77,38 @@ def _list(row: asyncpg.Record) -> ListOut:
     return ListOut.model_validate(dict(row))
 
 
-async def _own_list(pool: asyncpg.Pool, account_id: uuid.UUID, list_id: uuid.UUID) -> None:
+async def _own_list(
+    conn: Conn, account_id: uuid.UUID, list_id: uuid.UUID, field: str | None = None
+) -> None:
+    if not await store.existing_lists(conn, account_id=account_id, list_ids=[list_id]):
+        raise ApiError(404, "not_found", "list not found", field=field)
+
+
+async def _contact_page(
+    pool: asyncpg.Pool,
+    account_id: uuid.UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    list_id: uuid.UUID | None,
+    status: str | None,
+    q: str | None = None,
+) -> ContactPage:
+    start = flows.after(cursor)
     async with pool.acquire() as conn:
-        if not await store.existing_lists(conn, account_id=account_id, list_ids=[list_id]):
-            raise not_found("list")
+        if list_id is not None:
+            await _own_list(conn, account_id, list_id)
+        rows = await store.page_contacts(
+            conn,
+            account_id=account_id,
+            after=start,
+            limit=limit + 1,
+            list_id=list_id,
+            status=status,
+            q=q.strip() if q else None,
+        )
+    items, next_cursor = flows.page(rows, limit)
+    return ContactPage(items=[_contact(r) for r in items], next_cursor=next_cursor)
 
 
 # -- contacts -------------------------------------------------------------------------------------
@@ -164,21 +194,15 @@ async def list_contacts(
     status: Status | None = None,
 ) -> ContactPage:
     """Your contacts in a stable order, a keyset page at a time (as fast deep as shallow)."""
-    start = flows.after(cursor)
-    if list_id is not None:
-        await _own_list(pool, principal.account_id, list_id)
-    async with pool.acquire() as conn:
-        rows = await store.page_contacts(
-            conn,
-            account_id=principal.account_id,
-            after=start,
-            limit=limit + 1,
-            list_id=list_id,
-            status=status,
-            q=q.strip().lower() if q else None,
-        )
-    items, cursor = flows.page(rows, limit)
-    return ContactPage(items=[_contact(r) for r in items], next_cursor=cursor)
+    return await _contact_page(
+        pool,
+        principal.account_id,
+        limit=limit,
+        cursor=cursor,
+        list_id=list_id,
+        status=status,
+        q=q,
+    )
 
 
 @router.get(
@@ -193,7 +217,8 @@ async def export_contacts(
     """Download your contacts (or one list's) as CSV, streamed; cells that a spreadsheet would
     run as a formula are prefixed with `'`."""
     if list_id is not None:
-        await _own_list(pool, principal.account_id, list_id)
+        async with pool.acquire() as conn:
+            await _own_list(conn, principal.account_id, list_id)
     return StreamingResponse(
         exports.export_csv(pool, account_id=principal.account_id, list_id=list_id),
         media_type="text/csv; charset=utf-8",
@@ -274,10 +299,7 @@ async def import_contacts(
         list_id = _form_uuid(upload.fields.get("list_id"), "list_id")
         if list_id is not None:
             async with pool.acquire() as conn:
-                if not await store.existing_lists(
-                    conn, account_id=principal.account_id, list_ids=[list_id]
-                ):
-                    raise ApiError(404, "not_found", "list not found", field="list_id")
+                await _own_list(conn, principal.account_id, list_id, field="list_id")
         plan = await asyncio.to_thread(imports.inspect_file, path, options)
         async with pool.acquire() as conn:
             await store.insert_job(
@@ -428,10 +450,12 @@ async def delete_list(list_id: uuid.UUID, pool: Pool, principal: Caller) -> Resp
     return Response(status_code=204)
 
 
-async def _own_contacts(
-    conn: Any, account_id: uuid.UUID, contact_ids: list[uuid.UUID]
+async def _members(
+    conn: Conn, account_id: uuid.UUID, list_id: uuid.UUID, body: MembersChange
 ) -> list[uuid.UUID]:
-    wanted = list(dict.fromkeys(contact_ids))
+    """The contacts named, each once, after checking that they and the list are the account's."""
+    await _own_list(conn, account_id, list_id)
+    wanted = list(dict.fromkeys(body.contact_ids))
     known = await store.existing_contacts(conn, account_id=account_id, contact_ids=wanted)
     missing = [c for c in wanted if c not in known]
     if missing:
@@ -445,11 +469,7 @@ async def add_members(
 ) -> MembersChanged:
     """Put contacts on a list (those already on it stay once)."""
     async with pool.acquire() as conn, conn.transaction():
-        if not await store.existing_lists(
-            conn, account_id=principal.account_id, list_ids=[list_id]
-        ):
-            raise not_found("list")
-        wanted = await _own_contacts(conn, principal.account_id, body.contact_ids)
+        wanted = await _members(conn, principal.account_id, list_id, body)
         added = await store.add_memberships(
             conn, account_id=principal.account_id, list_ids=[list_id], contact_ids=wanted
         )
@@ -462,11 +482,7 @@ async def remove_members(
 ) -> MembersChanged:
     """Take contacts off a list (the contacts stay)."""
     async with pool.acquire() as conn, conn.transaction():
-        if not await store.existing_lists(
-            conn, account_id=principal.account_id, list_ids=[list_id]
-        ):
-            raise not_found("list")
-        wanted = await _own_contacts(conn, principal.account_id, body.contact_ids)
+        wanted = await _members(conn, principal.account_id, list_id, body)
         removed = await store.remove_memberships(
             conn, account_id=principal.account_id, list_id=list_id, contact_ids=wanted
         )
@@ -483,19 +499,9 @@ async def list_members(
     status: Status | None = None,
 ) -> ContactPage:
     """The contacts on a list, a keyset page at a time."""
-    start = flows.after(cursor)
-    await _own_list(pool, principal.account_id, list_id)
-    async with pool.acquire() as conn:
-        rows = await store.page_contacts(
-            conn,
-            account_id=principal.account_id,
-            after=start,
-            limit=limit + 1,
-            list_id=list_id,
-            status=status,
-        )
-    items, cursor = flows.page(rows, limit)
-    return ContactPage(items=[_contact(r) for r in items], next_cursor=cursor)
+    return await _contact_page(
+        pool, principal.account_id, limit=limit, cursor=cursor, list_id=list_id, status=status
+    )
 
 
 # -- unsubscribe ----------------------------------------------------------------------------------
@@ -529,6 +535,12 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     )
 
 
+def _unsubscribed_page(address: str) -> HTMLResponse:
+    return _page(
+        "You are unsubscribed", f"<p>{html.escape(address)} will not get these emails again.</p>"
+    )
+
+
 def _broken_link() -> HTMLResponse:
     return _page(
         "This link does not work",
@@ -549,13 +561,13 @@ async def unsubscribe_page(token: str, request: Request, pool: Pool) -> HTMLResp
     claims = _verify(request, token)
     if claims is None:
         return _broken_link()
-    address = html.escape(flows.normalise_or_lower(claims.r))
+    address = flows.normalise_or_lower(claims.r)
     if await flows.is_suppressed(pool, token=claims):
-        return _page("You are unsubscribed", f"<p>{address} will not get these emails again.</p>")
+        return _unsubscribed_page(address)
     action = html.escape(f"/unsubscribe/{token}", quote=True)
     return _page(
         "Unsubscribe?",
-        f"<p>Stop sending these emails to <strong>{address}</strong>?</p>"
+        f"<p>Stop sending these emails to <strong>{html.escape(address)}</strong>?</p>"
         f"<form method=post action='{action}'>"
         "<input type=hidden name=List-Unsubscribe value=One-Click>"
         "<button type=submit style='font-size:1rem;padding:.5rem 1rem'>Unsubscribe</button>"
@@ -580,10 +592,7 @@ async def unsubscribe(token: str, request: Request, pool: Pool) -> Any:
         raise not_found("unsubscribe link")
     email = await flows.unsubscribe(pool, token=claims)
     if browser:
-        return _page(
-            "You are unsubscribed",
-            f"<p>{html.escape(email)} will not get these emails again.</p>",
-        )
+        return _unsubscribed_page(email)
     return Unsubscribed(email=email)
 
 
@@ -596,27 +605,37 @@ async def unsubscribe(token: str, request: Request, pool: Pool) -> Any:
     dependencies=[Depends(internal_caller)],
     include_in_schema=False,
 )
-async def recipients(body: RecipientsQuery, pool: Pool) -> RecipientsPage:
+async def recipients(body: RecipientsQuery, pool: Pool) -> Response:
     """The deliverable contacts on any of `list_ids` or in `contact_ids`, each once, by id."""
     start = flows.after(body.after, field="after")
-    if not body.list_ids and not body.contact_ids:
-        return RecipientsPage(items=[], next_cursor=None)
-    async with pool.acquire() as conn:
-        rows = await store.recipients_page(
-            conn,
-            account_id=body.account_id,
-            list_ids=list(dict.fromkeys(body.list_ids)),
-            contact_ids=list(dict.fromkeys(body.contact_ids)),
-            after=start,
-            limit=body.limit + 1,
-        )
+    rows: list[asyncpg.Record] = []
+    if body.list_ids or body.contact_ids:
+        async with pool.acquire() as conn:
+            rows = await store.recipients_page(
+                conn,
+                account_id=body.account_id,
+                list_ids=body.list_ids,
+                contact_ids=body.contact_ids,
+                after=start,
+                limit=body.limit + 1,
+            )
     items, cursor = flows.page(rows, body.limit)
-    return RecipientsPage.model_validate(
-        {
-            "items": [{**dict(r), "contact_id": r["id"]} for r in items],
-            "next_cursor": cursor,
-        }
-    )
+    # Every page of every send comes through here: the rows go out as they are (attributes as
+    # the database wrote their JSON), not through models validated and dumped again.
+    page = {
+        "items": [
+            {
+                "email": r["email"],
+                "contact_id": str(r["id"]),  # asyncpg's own UUID type, unknown to orjson
+                "first_name": r["first_name"],
+                "last_name": r["last_name"],
+                "attributes": orjson.Fragment(r["attributes_json"]),
+            }
+            for r in items
+        ],
+        "next_cursor": cursor,
+    }
+    return Response(orjson.dumps(page), media_type="application/json")
 
 
 @router.post(
@@ -631,8 +650,8 @@ async def owned(body: OwnedQuery, pool: Pool) -> OwnedAnswer:
         lists, contacts = await store.unknown_ids(
             conn,
             account_id=body.account_id,
-            list_ids=list(dict.fromkeys(body.list_ids)),
-            contact_ids=list(dict.fromkeys(body.contact_ids)),
+            list_ids=body.list_ids,
+            contact_ids=body.contact_ids,
         )
     return OwnedAnswer(unknown_list_ids=lists, unknown_contact_ids=contacts)
 

@@ -24,10 +24,11 @@ MAX_ATTRIBUTE_KEYS = 100
 MAX_ATTRIBUTES_BYTES = 16 * 1024
 ATTRIBUTE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
-# The dot-atom local parts email-validator accepts unchanged; anything else takes the slow path.
-_PLAIN_LOCAL = re.compile(
-    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z"
-)
+# A dot-atom local part email-validator accepts unchanged, at a plain ASCII domain (checked once
+# per domain by `_domain`); anything else takes the slow path. The dots of the local part are
+# checked apart: one flat character class matches several times faster, and an import checks
+# every row with it.
+_PLAIN_ADDRESS = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64})@([A-Za-z0-9.-]+)")
 
 
 class InvalidEmail(ValueError):
@@ -47,15 +48,11 @@ def _domain(domain: str) -> str:
 def normalise_email(raw: str) -> str:
     """The address as stored: validated by email-validator, the domain lower-cased."""
     text = raw.strip()
-    local, at, domain = text.rpartition("@")
-    if (
-        at
-        and len(local) <= 64
-        and len(text) <= MAX_EMAIL
-        and text.isascii()
-        and _PLAIN_LOCAL.match(local)
-    ):
-        return f"{local}@{_domain(domain)}"
+    plain = _PLAIN_ADDRESS.fullmatch(text)
+    if plain and len(text) <= MAX_EMAIL:
+        local = plain[1]
+        if local[0] != "." and local[-1] != "." and ".." not in local:
+            return f"{local}@{_domain(plain[2])}"
     if len(text) > MAX_EMAIL * 4:
         raise InvalidEmail("The email address is too long.")
     try:
@@ -228,18 +225,19 @@ class RowError:
 StagedRow = tuple[int, str, str, str | None, str | None, str]
 
 
-def _cell(value: str) -> str | None:
-    value = value.strip()
-    return value or None
+def stage_row(
+    plan: ColumnPlan, row_no: int, fields: Sequence[str], *, nul_free: bool = False
+) -> StagedRow | RowError:
+    """A CSV record checked and shaped for the staging table, or why it is skipped.
 
-
-def stage_row(plan: ColumnPlan, row_no: int, fields: Sequence[str]) -> StagedRow | RowError:
-    """A CSV record checked and shaped for the staging table, or why it is skipped."""
+    `nul_free`: the caller knows no cell holds a NUL (an import checks its whole file once).
+    """
     if len(fields) != plan.width:
         return RowError(row_no, "row", f"expected {plan.width} fields, found {len(fields)}")
-    for cell in fields:
-        if "\x00" in cell:
-            return RowError(row_no, "row", "contains a NUL character")
+    if not nul_free:
+        for cell in fields:
+            if "\x00" in cell:
+                return RowError(row_no, "row", "contains a NUL character")
     raw_email = fields[plan.email].strip()
     if not raw_email:
         return RowError(row_no, "email", "no address")
@@ -247,13 +245,19 @@ def stage_row(plan: ColumnPlan, row_no: int, fields: Sequence[str]) -> StagedRow
         email = normalise_email(raw_email)
     except InvalidEmail as exc:
         return RowError(row_no, "email", f"{raw_email[:100]!r}: {exc}")
-    first = _cell(fields[plan.first_name]) if plan.first_name is not None else None
-    last = _cell(fields[plan.last_name]) if plan.last_name is not None else None
-    for column, value in (("first_name", first), ("last_name", last)):
-        problem = name_problem(value)
-        if problem:
-            return RowError(row_no, column, problem)
-    attributes = {key: v for index, key in plan.attributes if (v := fields[index].strip())}
+    first = last = None
+    if plan.first_name is not None:
+        first = fields[plan.first_name].strip() or None
+        if first is not None and (problem := name_problem(first)):
+            return RowError(row_no, "first_name", problem)
+    if plan.last_name is not None:
+        last = fields[plan.last_name].strip() or None
+        if last is not None and (problem := name_problem(last)):
+            return RowError(row_no, "last_name", problem)
+    attributes = {}
+    for index, key in plan.attributes:
+        if value := fields[index].strip():
+            attributes[key] = value
     encoded = orjson.dumps(attributes)
     if len(encoded) > MAX_ATTRIBUTES_BYTES:
         return RowError(

@@ -284,6 +284,17 @@ def inspect_file(path: Path, options: Options) -> domain.ColumnPlan:
         raise _bad("columns" if options.mapping else "file", str(exc)) from None
 
 
+def _may_hold_nul(path: Path, options: Options) -> bool:
+    """Whether a cell of the file may hold a NUL: looked for once, so rows need not be."""
+    if options.encoding.startswith("utf-16"):
+        return True  # zero bytes are in most characters; the rows are checked one by one
+    with path.open("rb") as raw:
+        while chunk := raw.read(1 << 20):
+            if b"\x00" in chunk:
+                return True
+    return False
+
+
 @contextlib.contextmanager
 def _rows(path: Path, options: Options) -> Iterator[Iterator[list[str]]]:
     with path.open("r", encoding=options.encoding, errors="strict", newline="") as text:
@@ -314,6 +325,7 @@ class RowReader:
         self._rows = self._stack.enter_context(_rows(path, options))
         self._plan = plan
         self._keep = keep_errors
+        self._nul_free = not _may_hold_nul(path, options)
         next(self._rows)  # the header
         self.row_no = 1  # as a spreadsheet numbers rows: the header is row 1
         self.rows_read = 0
@@ -324,13 +336,17 @@ class RowReader:
         records: list[domain.StagedRow] = []
         stage = domain.stage_row
         plan = self._plan
+        nul_free = self._nul_free
+        # Counted in locals, kept at the end of the chunk: this loop runs once per row.
+        row_no = self.row_no
+        rows_read = self.rows_read
         try:
             for fields in self._rows:
-                self.row_no += 1
+                row_no += 1
                 if not fields:
                     continue  # a blank line
-                self.rows_read += 1
-                staged = stage(plan, self.row_no, fields)
+                rows_read += 1
+                staged = stage(plan, row_no, fields, nul_free=nul_free)
                 if isinstance(staged, domain.RowError):
                     self.error_count += 1
                     if len(self.errors) < self._keep:
@@ -340,9 +356,12 @@ class RowReader:
                 if len(records) >= size:
                     return Chunk(records, done=False)
         except csv.Error as exc:
-            raise ImportFailed(f"row {self.row_no + 1} is not CSV: {exc}") from None
+            raise ImportFailed(f"row {row_no + 1} is not CSV: {exc}") from None
         except UnicodeDecodeError as exc:
-            raise ImportFailed(f"near row {self.row_no + 1}: {exc.reason}") from None
+            raise ImportFailed(f"near row {row_no + 1}: {exc.reason}") from None
+        finally:
+            self.row_no = row_no
+            self.rows_read = rows_read
         return Chunk(records, done=True)
 
     def close(self) -> None:

@@ -183,10 +183,20 @@ class ImportJobOut(BaseModel):
 # -- internal ------------------------------------------------------------------------------------
 
 
-class RecipientsQuery(_Strict):
+class _Audience(_Strict):
+    """An email's audience: lists and contacts of an account, each kept once, in order."""
+
     account_id: uuid.UUID
     list_ids: list[uuid.UUID] = Field(default_factory=list, max_length=1000)
     contact_ids: list[uuid.UUID] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("list_ids", "contact_ids")
+    @classmethod
+    def _once_each(cls, value: list[uuid.UUID]) -> list[uuid.UUID]:
+        return list(dict.fromkeys(value))
+
+
+class RecipientsQuery(_Audience):
     after: str | None = None
     limit: int = Field(1000, ge=1, le=5000)
 
@@ -204,10 +214,8 @@ class RecipientsPage(BaseModel):
     next_cursor: str | None
 
 
-class OwnedQuery(_Strict):
-    account_id: uuid.UUID
-    list_ids: list[uuid.UUID] = Field(default_factory=list, max_length=1000)
-    contact_ids: list[uuid.UUID] = Field(default_factory=list, max_length=10_000)
+class OwnedQuery(_Audience):
+    """Which of these lists and contacts are not the account's."""
 
 
 class OwnedAnswer(BaseModel):
