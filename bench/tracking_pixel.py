@@ -8,8 +8,10 @@ buffers the open and writes it in batches. Afterwards every open the service ans
 request counter) must be in the roll-ups. Needs Debian's `wrk`.
 
 On a machine shared with other work the request rates swing with its load, so the CPU time each
-process spent per answered request (from /proc, the tracking service's including the writing of
-its batches) is reported beside them: the steadier figure of what an open costs.
+side spent per answered request (from /proc: the process and any process under it; the tracking
+service's includes the writing of its batches and the outbox relay) is reported beside them: the
+steadier figure of what an open costs. What PostgreSQL and the broker spent on the same opens
+(they share the machine's cores with both sides) is reported too.
 
     .venv/bin/python bench/tracking_pixel.py [--seconds 8] [--rounds 3] [--connections 64]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -134,20 +137,43 @@ async def answered_opens(url: str) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time the process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User and system CPU time the process and every process under it have used so far, the
+    ended ones included (Linux): a service's worker processes count as the service."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue  # ended in between: its time is in its parent's children figures
+        total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        for task in tasks:
+            with contextlib.suppress(OSError):
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+    return total
 
 
 async def measured(
-    pid: int, url: str, script: Path, seconds: float, connections: int, *, settle: float
+    pid: int,
+    url: str,
+    script: Path,
+    seconds: float,
+    connections: int,
+    *,
+    settle: float,
+    infrastructure: tuple[int, ...] = (),
 ) -> dict[str, float]:
-    """One wrk round, with the CPU time `pid` spent per request (`settle` seconds after the
-    load ends count too: the tracking service writes what it answered then)."""
+    """One wrk round, with the CPU time `pid` (and its worker processes) spent per request
+    (`settle` seconds after the load ends count too: the tracking service writes what it
+    answered then), and what the `infrastructure` processes (database, broker) spent."""
     before = cpu_seconds(pid)
+    before_infra = sum(cpu_seconds(p) for p in infrastructure)
     run = await wrk(url, script, seconds, connections)
     await asyncio.sleep(settle)
-    run["cpu_us"] = (cpu_seconds(pid) - before) / max(run["requests"], 1) * 1e6
+    requests = max(run["requests"], 1)
+    run["cpu_us"] = (cpu_seconds(pid) - before) / requests * 1e6
+    run["infra_us"] = (sum(cpu_seconds(p) for p in infrastructure) - before_infra) / requests * 1e6
     return run
 
 
@@ -201,12 +227,24 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
         baselines, ours = [], []
         service = stack.services["tracking"].process
         assert service is not None
+        assert stack.postgres is not None
+        assert stack.broker is not None
+        postmaster = int((stack.postgres.data_dir / "postmaster.pid").read_text().split()[0])
+        infrastructure = (postmaster, *([stack.broker.pid] if stack.broker.pid else []))
         for _ in range(rounds):
             baselines.append(
                 await measured(bare.pid, bare_url, script, seconds, connections, settle=0)
             )
             ours.append(
-                await measured(service.pid, tracking, script, seconds, connections, settle=1.5)
+                await measured(
+                    service.pid,
+                    tracking,
+                    script,
+                    seconds,
+                    connections,
+                    settle=1.5,
+                    infrastructure=infrastructure,
+                )
             )
         answered = await answered_opens(tracking)
         conn = await asyncpg.connect(stack.database_url)
@@ -250,7 +288,8 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
     bare_cpu, our_cpu = median(baselines, "cpu_us"), median(ours, "cpu_us")
     print(
         f"CPU per request: bare {bare_cpu:.0f} µs, tracking service {our_cpu:.0f} µs (writing"
-        f" included); ratio {bare_cpu / our_cpu:.2f} (medians)"
+        f" included); ratio {bare_cpu / our_cpu:.2f} (medians); PostgreSQL and the broker"
+        f" {median(ours, 'infra_us'):.0f} µs more per open"
     )
     verdict = "every answered open is in the roll-ups" if recorded == answered else "MISMATCH"
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -72,6 +73,10 @@ def _hot_path(settings: Settings, rules: flows.Rules) -> Worker:
         runtime.checks["activity_flusher"] = alive
         runtime.stats["tracking"] = backlog
         runtime.stats["events_per_minute"] = events_per_minute
+        # What start-up built (modules, the app, models, clients) lives as long as the process:
+        # leave it out of the garbage collector's full passes, which every few thousand
+        # buffered opens would otherwise walk through all of it again.
+        gc.freeze()
         try:
             yield
         finally:
@@ -81,6 +86,8 @@ def _hot_path(settings: Settings, rules: flows.Rules) -> Worker:
             # Graceful shutdown: everything answered is written before the pool closes.
             await flusher.drain(grace=10)
             BUFFERED.set(len(buffer))
+            # Collectable again (tests build many apps in one process).
+            gc.unfreeze()
 
     return worker
 

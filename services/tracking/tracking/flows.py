@@ -66,14 +66,14 @@ async def apply_activity(
     if not events:
         return []
     await store.ensure_emails(conn, emails=[(e.email_id, e.account_id) for e in events])
-    recipients = await store.lock_recipients(conn, message_ids=[e.message_id for e in events])
+    recipients = await store.lock_engagement(conn, message_ids=[e.message_id for e in events])
     missing = [
         (e.message_id, e.email_id, e.account_id) for e in events if e.message_id not in recipients
     ]
     if missing:
         # Opens that came before the delivery outcome named their recipient.
         await store.ensure_recipients(conn, rows=missing)
-        recipients |= await store.lock_recipients(conn, message_ids=[m for m, _, _ in missing])
+        recipients |= await store.lock_engagement(conn, message_ids=[m for m, _, _ in missing])
     links = await store.lock_links(
         conn,
         keys=[(e.message_id, e.link_index) for e in events if e.link_index is not None],

@@ -8,8 +8,9 @@ import io
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
@@ -22,6 +23,7 @@ from tracking.domain import (
     RATES,
     RECIPIENT_COLUMNS,
     Interval,
+    Period,
     csv_cell,
     decode_cursor,
     encode_cursor,
@@ -92,50 +94,50 @@ async def report(pool: asyncpg.Pool, query: ReportQuery, *, now: datetime) -> di
         period = resolve_period(
             start=query.start, end=query.end, interval=query.interval, tz=tz, now=now
         )
-        email_ids: list[uuid.UUID] | None = None
-        if query.email_id is not None:
-            if await store.email_account(conn, email_id=query.email_id) != query.account_id:
-                raise NotFound
-            email_ids = [query.email_id]
-        if query.tag is not None:
-            tagged = await store.email_ids_with_tag(
-                conn, account_id=query.account_id, tag=query.tag
-            )
-            email_ids = tagged if email_ids is None else [e for e in email_ids if e in tagged]
-    rows: list[asyncpg.Record] = []
-    emails: list[asyncpg.Record] = []
-    links: list[asyncpg.Record] = []
-    if email_ids != []:
-        parts = split(period)
-        # Three independent reads: each on its own connection, they run side by side.
-        rows, emails, links = await asyncio.gather(
-            _read(
-                pool,
-                store.series,
-                account_id=query.account_id,
-                start=period.start,
-                end=period.end,
-                interval=period.interval,
-                timezone=timezone,
-                email_ids=email_ids,
-            ),
-            _read(
-                pool,
-                store.emails_table,
-                account_id=query.account_id,
-                parts=parts,
-                email_ids=email_ids,
-                limit=query.limit,
-            ),
-            _read(
-                pool,
-                store.top_links,
-                account_id=query.account_id,
-                parts=parts,
-                email_ids=email_ids,
-                limit=query.links,
-            ),
+        if (
+            query.email_id is not None
+            and await store.email_account(conn, email_id=query.email_id) != query.account_id
+        ):
+            raise NotFound
+    narrow: dict[str, Any] = {"email_id": query.email_id, "tag": query.tag}
+    series: Awaitable[list[asyncpg.Record]]
+    if period.interval == "day" and (query.email_id is not None or query.tag is not None):
+        days, spans = local_day_parts(period)
+        series = _read(
+            pool, store.day_series, account_id=query.account_id, days=days, hours=spans, **narrow
         )
+    else:
+        series = _read(
+            pool,
+            store.series,
+            account_id=query.account_id,
+            start=period.start,
+            end=period.end,
+            interval=period.interval,
+            timezone=timezone,
+            **narrow,
+        )
+    parts = split(period)
+    # Three independent reads: each on its own connection, they run side by side.
+    rows, emails, links = await asyncio.gather(
+        series,
+        _read(
+            pool,
+            store.emails_table,
+            account_id=query.account_id,
+            parts=parts,
+            limit=query.limit,
+            **narrow,
+        ),
+        _read(
+            pool,
+            store.top_links,
+            account_id=query.account_id,
+            parts=parts,
+            limit=query.links,
+            **narrow,
+        ),
+    )
     by_key = {r["key"]: _counts(r) for r in rows}
     empty = _counts(None)
     points = [(label(key, tz), by_key.get(key, empty)) for key in series_keys(period)]
@@ -157,6 +159,61 @@ async def report(pool: asyncpg.Pool, query: ReportQuery, *, now: datetime) -> di
             for link in links
         ],
     }
+
+
+_HOUR = timedelta(hours=1)
+
+
+def local_day_parts(
+    period: Period,
+) -> tuple[list[tuple[date, date]], list[tuple[date, datetime, datetime, int]]]:
+    """How to count each local day of a daily series from roll-ups kept per UTC day and hour:
+    (day, UTC day) rows of the daily roll-up and (day, from, to, sign) spans of the hourly one.
+
+    A local day holds the hours that start on it, as the hourly series counts them (an hour
+    cannot be split, so with a half-hour offset it counts on the day it starts in). Off UTC
+    those hours are no UTC day, but they are a UTC day with a few hours added or taken away at
+    either end: per email one daily row and a few hourly ones instead of 24 hourly ones. A day
+    for which that saves nothing (a short one at the period's edge, a 12-hour offset) is
+    read from the hourly roll-up alone.
+    """
+    keys = series_keys(period)
+    edges = [_first_hour(day, period.tz) for day in keys]
+    edges.append(_first_hour(keys[-1] + timedelta(days=1), period.tz))
+    days: list[tuple[date, date]] = []
+    spans: list[tuple[date, datetime, datetime, int]] = []
+    for key, lo, hi in zip(keys, edges, edges[1:], strict=False):
+        lo, hi = max(lo, period.start), min(hi, period.end)
+        if lo >= hi:
+            continue
+        best, cost = None, (hi - lo) / _HOUR
+        for utc_day in sorted({lo.date(), (hi - _HOUR).date()}):
+            start = datetime.combine(utc_day, time(), tzinfo=UTC)
+            extra = (abs(start - lo) + abs(start + timedelta(days=1) - hi)) / _HOUR
+            if extra < cost:
+                best, cost = start, extra
+        if best is None:
+            spans.append((key, lo, hi, 1))
+            continue
+        end = best + timedelta(days=1)
+        days.append((key, best.date()))
+        if lo != best:
+            spans.append((key, lo, best, 1) if lo < best else (key, best, lo, -1))
+        if hi != end:
+            spans.append((key, end, hi, 1) if hi > end else (key, hi, end, -1))
+    return days, spans
+
+
+def _first_hour(day: date, tz: ZoneInfo) -> datetime:
+    """The first whole UTC hour that starts on `day` or later in `tz` (a local midnight may
+    fall within an hour, or not exist on a day the clocks change)."""
+    at = datetime.combine(day, time(), tzinfo=tz).astimezone(UTC)
+    at = at.replace(minute=0, second=0, microsecond=0)
+    while (at - _HOUR).astimezone(tz).date() >= day:
+        at -= _HOUR
+    while at.astimezone(tz).date() < day:
+        at += _HOUR
+    return at
 
 
 async def _read(

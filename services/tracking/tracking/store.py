@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -185,6 +185,39 @@ async def lock_recipients(conn: Conn, *, message_ids: Sequence[str]) -> dict[str
         sorted(set(message_ids)),
     )
     return {r["message_id"]: Recipient.from_row(r) for r in rows}
+
+
+async def lock_engagement(conn: Conn, *, message_ids: Sequence[str]) -> dict[str, Recipient]:
+    """The rows of these messages, locked, with only what opens and clicks read and change:
+    the rest of each `Recipient` is left at its default, so save them with `save_engagement`."""
+    rows = await conn.fetch(
+        f"""SELECT message_id, email_id, account_id, recipient, contact_id, sent_at,
+                   {", ".join(_ENGAGEMENT)}
+            FROM recipients WHERE message_id = ANY($1::text[])
+            ORDER BY message_id FOR UPDATE""",
+        sorted(set(message_ids)),
+    )
+    # Positional reads and one keyword call per row: a flush locks thousands of rows, and the
+    # full row through `Recipient.from_row` was the largest single cost of writing an open.
+    return {
+        row[0]: Recipient(
+            message_id=row[0],
+            email_id=row[1],
+            account_id=row[2],
+            recipient=row[3],
+            contact_id=row[4],
+            sent_at=row[5],
+            opens=row[6],
+            human_opens=row[7],
+            first_open_at=row[8],
+            first_human_open_at=row[9],
+            clicks=row[10],
+            human_clicks=row[11],
+            first_click_at=row[12],
+            first_human_click_at=row[13],
+        )
+        for row in rows
+    }
 
 
 async def lock_for_outcome(
@@ -748,19 +781,41 @@ async def email_links(conn: Conn, *, email_id: uuid.UUID) -> list[asyncpg.Record
     )
 
 
-async def email_ids_with_tag(conn: Conn, *, account_id: uuid.UUID, tag: str) -> list[uuid.UUID]:
-    """The account's emails carrying `tag`."""
-    rows = await conn.fetch(
-        "SELECT email_id FROM emails WHERE account_id = $1 AND tags @> ARRAY[$2::text]",
-        account_id,
-        tag,
-    )
-    return [r["email_id"] for r in rows]
+def _narrow(args: list[Any], *, email_id: uuid.UUID | None, tag: str | None) -> str:
+    """A condition keeping the roll-up rows of one email and/or of the account's emails carrying
+    `tag` (`$1` is always the account); its parameters are appended to `args`. The tag is
+    matched here rather than as a list of ids: a semi-join, not a scan of a long array per row."""
+    condition = ""
+    if email_id is not None:
+        args.append(email_id)
+        condition += f" AND email_id = ${len(args)}"
+    if tag is not None:
+        args.append(tag)
+        condition += (
+            " AND email_id IN (SELECT email_id FROM emails"
+            f" WHERE account_id = $1 AND tags @> ARRAY[${len(args)}::text])"
+        )
+    return condition
 
 
-_EMAIL_FILTER = " AND email_id = ANY($9::uuid[])"
+async def _fetch_report(
+    conn: Conn, sql: str, args: Sequence[Any], *, where: str
+) -> list[asyncpg.Record]:
+    """Run a report read; one narrowed by `where` is planned for its very arguments, as an
+    unnamed statement. The plan a cached statement settles on after five runs is made for no
+    arguments in particular: it takes a tag to name one email and an array to hold ten, and then
+    reads the roll-ups once per email (the top links of the bench's 1M-event account: 66 ms
+    instead of 3). Whole-account reads keep the cached statement: their plan does not hinge on
+    that, and preparing anew costs a round trip and a planning."""
+    if not where:
+        return list(await conn.fetch(sql, *args))
+    statement = await conn.prepare(sql, name="")
+    return list(await statement.fetch(*args))
+
+
 _NO_DAYS = (date(1970, 1, 1), date(1970, 1, 1))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_HOUR = timedelta(hours=1)
 
 
 def _split_args(parts: Split) -> list[Any]:
@@ -771,8 +826,7 @@ def _split_args(parts: Split) -> list[Any]:
     return [days[0], days[1], hours[0][0], hours[0][1], hours[1][0], hours[1][1]]
 
 
-def _hybrid(columns: str, daily: str, hourly: str, key: str, filtered: bool) -> str:
-    where = _EMAIL_FILTER if filtered else ""
+def _hybrid(columns: str, daily: str, hourly: str, key: str, where: str) -> str:
     return f"""
         SELECT {key}, {columns} FROM {daily}
         WHERE account_id = $1 AND day >= $2 AND day < $3{where}
@@ -790,28 +844,72 @@ async def series(
     end: datetime,
     interval: str,
     timezone: str,
-    email_ids: Sequence[uuid.UUID] | None,
+    email_id: uuid.UUID | None = None,
+    tag: str | None = None,
 ) -> list[asyncpg.Record]:
-    """Counts per bucket: UTC hours (`interval` hour) or the account's local days."""
+    """Counts per bucket: UTC hours (`interval` hour) or the account's local days, from the
+    hourly roll-ups (the account's own, or its emails' when narrowed)."""
     args: list[Any] = [account_id, start, end]
-    hours = f"""SELECT hour, {_COUNTERS} FROM account_hourly
-                WHERE account_id = $1 AND hour >= $2 AND hour < $3"""
-    if email_ids is not None:
-        # The emails' hours summed first: the local day is then worked out once per hour,
-        # not once per email and hour.
-        args.append(list(email_ids))
-        hours = f"""SELECT hour, {_SUMS} FROM email_hourly
-                    WHERE account_id = $1 AND hour >= $2 AND hour < $3
-                      AND email_id = ANY($4::uuid[])
-                    GROUP BY hour"""
+    table = "account_hourly"
+    where = ""
+    if email_id is not None or tag is not None:
+        table = "email_hourly"
+        where = _narrow(args, email_id=email_id, tag=tag)
     key = "hour"
     if interval == "day":
         args.append(timezone)
         key = f"(hour AT TIME ZONE ${len(args)}::text)::date"
-    return list(
-        await conn.fetch(
-            f"SELECT {key} AS key, {_SUMS} FROM ({hours}) AS h GROUP BY 1 ORDER BY 1", *args
-        )
+    return await _fetch_report(
+        conn,
+        f"""SELECT {key} AS key, {_SUMS} FROM {table}
+            WHERE account_id = $1 AND hour >= $2 AND hour < $3{where}
+            GROUP BY 1 ORDER BY 1""",
+        args,
+        where=where,
+    )
+
+
+async def day_series(
+    conn: Conn,
+    *,
+    account_id: uuid.UUID,
+    days: Sequence[tuple[date, date]],
+    hours: Sequence[tuple[date, datetime, datetime, int]],
+    email_id: uuid.UUID | None,
+    tag: str | None,
+) -> list[asyncpg.Record]:
+    """Counts per local day of some emails: each day is (bucket, UTC day) rows of the daily
+    roll-up plus (bucket, from, to, sign) spans of the hourly one, added or taken away."""
+    # Hour by hour, so the hourly rows are matched by equality (a hash join), not by range.
+    each = [
+        (key, lo + n * _ONE_HOUR, sign)
+        for key, lo, hi, sign in hours
+        for n in range((hi - lo) // _ONE_HOUR)
+    ]
+    args: list[Any] = [
+        account_id,
+        [k for k, _ in days],
+        [d for _, d in days],
+        [h[0] for h in each],
+        [h[1] for h in each],
+        [h[2] for h in each],
+    ]
+    where = _narrow(args, email_id=email_id, tag=tag)
+    signed = ", ".join(f"h.sign * {c} AS {c}" for c in COUNTERS)
+    return await _fetch_report(
+        conn,
+        f"""WITH d AS (SELECT * FROM unnest($2::date[], $3::date[]) AS d(key, day)),
+                 h AS (SELECT * FROM unnest($4::date[], $5::timestamptz[], $6::int[])
+                              AS h(key, hour, sign)),
+                 parts AS (
+                     SELECT d.key, {_COUNTERS} FROM email_daily JOIN d USING (day)
+                     WHERE account_id = $1{where}
+                     UNION ALL
+                     SELECT h.key, {signed} FROM email_hourly JOIN h USING (hour)
+                     WHERE account_id = $1{where})
+            SELECT key, {_SUMS} FROM parts GROUP BY key ORDER BY key""",
+        args,
+        where=where,
     )
 
 
@@ -820,24 +918,24 @@ async def emails_table(
     *,
     account_id: uuid.UUID,
     parts: Split,
-    email_ids: Sequence[uuid.UUID] | None,
+    email_id: uuid.UUID | None,
+    tag: str | None,
     limit: int,
 ) -> list[asyncpg.Record]:
     """Per email, what happened within the period (whole days daily, the edges hourly)."""
-    union = _hybrid(_COUNTERS, "email_daily", "email_hourly", "email_id", email_ids is not None)
     args: list[Any] = [account_id, *_split_args(parts), limit]
-    if email_ids is not None:
-        args.append(list(email_ids))
-    return list(
-        await conn.fetch(
-            f"""WITH parts AS ({union}),
-                     totals AS (SELECT email_id, {_SUMS} FROM parts GROUP BY email_id)
-                SELECT t.*, e.subject, e.tags, e.first_sent_at
-                FROM totals t JOIN emails e ON e.email_id = t.email_id
-                ORDER BY e.first_sent_at DESC NULLS LAST, t.email_id
-                LIMIT $8""",
-            *args,
-        )
+    where = _narrow(args, email_id=email_id, tag=tag)
+    union = _hybrid(_COUNTERS, "email_daily", "email_hourly", "email_id", where)
+    return await _fetch_report(
+        conn,
+        f"""WITH parts AS ({union}),
+                 totals AS (SELECT email_id, {_SUMS} FROM parts GROUP BY email_id)
+            SELECT t.*, e.subject, e.tags, e.first_sent_at
+            FROM totals t JOIN emails e ON e.email_id = t.email_id
+            ORDER BY e.first_sent_at DESC NULLS LAST, t.email_id
+            LIMIT $8""",
+        args,
+        where=where,
     )
 
 
@@ -846,27 +944,25 @@ async def top_links(
     *,
     account_id: uuid.UUID,
     parts: Split,
-    email_ids: Sequence[uuid.UUID] | None,
+    email_id: uuid.UUID | None,
+    tag: str | None,
     limit: int,
 ) -> list[asyncpg.Record]:
     """The most clicked links within the period."""
-    union = _hybrid(
-        _LINK_COUNTERS, "link_daily", "link_hourly", "email_id, link_index", email_ids is not None
-    )
     args: list[Any] = [account_id, *_split_args(parts), limit]
-    if email_ids is not None:
-        args.append(list(email_ids))
-    return list(
-        await conn.fetch(
-            f"""WITH parts AS ({union}),
-                     totals AS (SELECT email_id, link_index, {_LINK_SUMS} FROM parts
-                                GROUP BY email_id, link_index
-                                ORDER BY clicks DESC, email_id, link_index LIMIT $8)
-                SELECT t.*, s.url FROM totals t
-                JOIN link_stats s ON s.email_id = t.email_id AND s.link_index = t.link_index
-                ORDER BY t.clicks DESC, t.email_id, t.link_index""",
-            *args,
-        )
+    where = _narrow(args, email_id=email_id, tag=tag)
+    union = _hybrid(_LINK_COUNTERS, "link_daily", "link_hourly", "email_id, link_index", where)
+    return await _fetch_report(
+        conn,
+        f"""WITH parts AS ({union}),
+                 totals AS (SELECT email_id, link_index, {_LINK_SUMS} FROM parts
+                            GROUP BY email_id, link_index
+                            ORDER BY clicks DESC, email_id, link_index LIMIT $8)
+            SELECT t.*, s.url FROM totals t
+            JOIN link_stats s ON s.email_id = t.email_id AND s.link_index = t.link_index
+            ORDER BY t.clicks DESC, t.email_id, t.link_index""",
+        args,
+        where=where,
     )
 
 
