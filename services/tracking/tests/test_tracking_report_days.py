@@ -113,3 +113,14 @@ def test_a_day_off_utc_reads_one_daily_row_and_the_hours_at_its_ends() -> None:
     today = resolve_period(start=date(2026, 11, 3), end=None, interval="day", tz=berlin, now=early)
     first_hours = (datetime(2026, 11, 2, 23, tzinfo=UTC), datetime(2026, 11, 3, 3, tzinfo=UTC))
     assert local_day_parts(today) == ([], [(date(2026, 11, 3), *first_hours, 1)])
+
+
+@pytest.mark.parametrize("name", ["Asia/Kolkata", "America/St_Johns", "Asia/Kathmandu"])
+def test_whole_days_off_the_hour_show_only_the_days_asked_for(name: str) -> None:
+    # Local midnight falls mid-hour: the hour straddling the first midnight counts on the day
+    # before, so it is not in the period, and no bucket of that day appears.
+    period = resolve_period(
+        start=date(2026, 3, 3), end=date(2026, 3, 5), interval="day", tz=ZoneInfo(name), now=NOW
+    )
+    assert series_keys(period) == [date(2026, 3, 3), date(2026, 3, 4), date(2026, 3, 5)]
+    assert period.start.astimezone(period.tz).date() == date(2026, 3, 3)

@@ -574,12 +574,15 @@ def resolve_period(
     Defaults: the last 30 local days up to now; hourly buckets for spans up to two days.
     """
     stop = _instant(end, tz, end=True) if end is not None else now.astimezone(UTC)
-    if start is not None:
-        begin = _instant(start, tz, end=False)
+    if isinstance(start, datetime):
+        begin = _floor_hour(_instant(start, tz, end=False))
     else:
         local_today = stop.astimezone(tz).date()
-        begin = _instant(local_today - timedelta(days=DEFAULT_DAYS - 1), tz, end=False)
-    begin, stop = _floor_hour(begin), _ceil_hour(stop)
+        first_day = start or local_today - timedelta(days=DEFAULT_DAYS - 1)
+        # Roll-ups are hourly and an hour counts on the local day it starts on: where local
+        # midnight falls mid-hour (+05:30), the hour straddling it belongs to the day before.
+        begin = _ceil_hour(_instant(first_day, tz, end=False))
+    stop = _ceil_hour(stop)
     if begin >= stop:
         raise PeriodError("from", "`from` must be before `to`")
     span = stop - begin
@@ -618,8 +621,9 @@ def series_keys(period: Period) -> list[datetime | date]:
     if period.interval == "hour":
         hours = int((period.end - period.start).total_seconds() // 3600)
         return [period.start + timedelta(hours=n) for n in range(hours)]
+    # Each hour counts on the local day it starts on, the last one included.
     first = period.start.astimezone(period.tz).date()
-    last = (period.end - timedelta(microseconds=1)).astimezone(period.tz).date()
+    last = (period.end - timedelta(hours=1)).astimezone(period.tz).date()
     return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
