@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.offset import OffsetRequest
 
+from herald.partitioning import default_partitioner
 from herald.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,12 @@ def client_options(settings: BaseServiceSettings) -> dict[str, Any]:
 
 
 def create_producer(settings: BaseServiceSettings) -> AIOKafkaProducer:
-    """A producer that waits for all in-sync replicas; idempotence only where the broker has it."""
+    """A producer that waits for all in-sync replicas; idempotence only where the broker has it.
+    Keys map to partitions as the Java client's default partitioner maps them (hashes cached)."""
     return AIOKafkaProducer(
         **client_options(settings),
         acks="all",
+        partitioner=default_partitioner,
         enable_idempotence=settings.kafka_idempotent_producer,
         linger_ms=5,
         max_batch_size=256 * 1024,
