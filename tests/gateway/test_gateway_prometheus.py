@@ -96,7 +96,8 @@ async def prometheus(
 async def _until(check: Any, timeout: float = 60) -> Any:
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(httpx.HTTPError, AssertionError):
+        # ValueError: a Prometheus still starting answers its API with plain text.
+        with contextlib.suppress(httpx.HTTPError, AssertionError, ValueError):
             return await check()
         if time.monotonic() > deadline:
             return await check()
