@@ -25,6 +25,7 @@ from tracking.signatures import (
     sendgrid_signature_ok,
     sns_string_to_sign,
 )
+from tracking.webhooks import Webhooks
 
 CERT_URL = "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-abc.pem"
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:herald"
@@ -173,3 +174,14 @@ def test_sendgrid_signatures():
     )
     with pytest.raises(ValueError, match="elliptic"):
         load_sendgrid_key(base64.b64encode(rsa_der).decode())
+
+
+async def test_production_refuses_unsigned_sendgrid_events() -> None:
+    # Nothing past the check is reached, so the webhook needs no database, SNS or rules.
+    unused: Any = None
+    hooks = Webhooks(
+        pool=unused, sns=unused, sendgrid_key=None, rules=unused, unsigned_sendgrid=False
+    )
+    with pytest.raises(WebhookRejected) as refused:
+        await hooks.sendgrid(b'[{"event": "bounce"}]', signature=None, timestamp=None)
+    assert (refused.value.status, refused.value.reason) == (403, "unsigned")

@@ -75,7 +75,8 @@ async def sendgrid_webhook(request: Request) -> dict[str, Any]:
     Records delivered, deferred, bounce, dropped and spamreport events of our messages; opens and
     clicks count only for emails Herald did not track itself. With `SENDGRID_PUBLIC_KEY` set,
     the ECDSA signature (`X-Twilio-Email-Event-Webhook-Signature` over the `-Timestamp` header
-    and the body) must verify.
+    and the body) must verify; without it, production (`HERALD_ENV=production`) refuses every
+    post (403), since unsigned events would let anyone suppress contacts.
     """
     body = await _body(request)
     try:

@@ -40,10 +40,14 @@ class Webhooks:
         sns: SnsVerifier,
         sendgrid_key: ec.EllipticCurvePublicKey | None,
         rules: flows.Rules,
+        unsigned_sendgrid: bool = True,
     ) -> None:
         self._pool = pool
         self.sns = sns
         self._sendgrid_key = sendgrid_key
+        # Unsigned events would let anyone suppress any contact with a forged bounce: only
+        # development and tests take them.
+        self._unsigned_sendgrid = unsigned_sendgrid
         self._rules = rules
 
     async def _record(self, provider: str, events: list[ProviderEvent]) -> Counter[str]:
@@ -94,6 +98,12 @@ class Webhooks:
         self, body: bytes, *, signature: str | None, timestamp: str | None
     ) -> dict[str, Any]:
         """Handle one Event Webhook post (a JSON array of events)."""
+        if self._sendgrid_key is None and not self._unsigned_sendgrid:
+            raise WebhookRejected(
+                403,
+                "unsigned",
+                "unsigned SendGrid events are refused in production: set SENDGRID_PUBLIC_KEY",
+            )
         if self._sendgrid_key is not None and not sendgrid_signature_ok(
             self._sendgrid_key, signature=signature, timestamp=timestamp, body=body
         ):
