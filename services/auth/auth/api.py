@@ -44,6 +44,7 @@ from auth.schemas import (
 )
 from auth.tokens import SigningKey
 from herald.errors import ERROR_RESPONSES, ApiError
+from herald.events.auth import UserChanged
 from herald.security import Principal, admin, current_principal, full_access, internal_caller
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -418,3 +419,15 @@ async def exchange_api_key(body: ApiKeyLookup, auth: AuthDep) -> Any:
         "scope": row["scope"],
         "account_id": row["user_id"],
     }
+
+
+@router.get(
+    "/internal/users/{user_id}",
+    response_model=UserChanged,
+    include_in_schema=False,
+    dependencies=[Depends(internal_caller)],
+)
+async def internal_user(user_id: uuid.UUID, auth: AuthDep) -> Any:
+    """The user's current state, the fields of `user.changed` (for services that cannot wait
+    for the event, like campaign deciding whether a new account may send)."""
+    return await flows.current_user(auth, user_id=user_id)

@@ -70,9 +70,10 @@ def _problem(
 _INVALID_CREDENTIALS = ApiError(401, "invalid_credentials", "wrong email or password")
 
 
-async def publish_user(conn: Conn, user: asyncpg.Record) -> None:
-    """Tell the platform the user's current state (in the same transaction as the change)."""
-    change = UserChanged(
+def user_changed(user: asyncpg.Record) -> UserChanged:
+    """The user's current state as the platform sees it: what `user.changed` carries and what
+    `/internal/users/{id}` answers (one builder, so the two cannot drift)."""
+    return UserChanged(
         user_id=user["id"],
         email=user["email"],
         email_verified=user["email_verified"],
@@ -86,7 +87,11 @@ async def publish_user(conn: Conn, user: asyncpg.Record) -> None:
         daily_send_quota=user["daily_send_quota"],
         tokens_valid_after=user["tokens_valid_after"] or None,
     )
-    await outbox.write(conn, Envelope.wrap(change, account_id=user["id"]))
+
+
+async def publish_user(conn: Conn, user: asyncpg.Record) -> None:
+    """Tell the platform the user's current state (in the same transaction as the change)."""
+    await outbox.write(conn, Envelope.wrap(user_changed(user), account_id=user["id"]))
 
 
 def _token_lifetime(auth: Auth) -> timedelta:
@@ -660,6 +665,15 @@ async def api_key_identity(auth: Auth, *, api_key: str) -> asyncpg.Record:
     if row is None or row["status"] != "active":
         raise not_found("API key")
     return row
+
+
+async def current_user(auth: Auth, *, user_id: uuid.UUID) -> UserChanged:
+    """The user's current state, as `user.changed` last published it (or 404)."""
+    async with auth.pool.acquire() as conn:
+        user = await store.user_by_id(conn, user_id=user_id)
+    if user is None:
+        raise not_found("user")
+    return user_changed(user)
 
 
 async def exchange_api_key(auth: Auth, *, api_key: str) -> tuple[str, int, asyncpg.Record]:

@@ -26,9 +26,16 @@ def _campaign(settings: Settings) -> Worker:
         timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5)
         async with httpx.AsyncClient(timeout=timeout) as http:
             headers = internal_headers(settings)
+            auth = AuthClient(
+                http,
+                base_url=settings.auth_url,
+                headers=headers,
+                cache_seconds=settings.api_key_cache_seconds,
+            )
             runtime.extras["campaign"] = Campaign(
                 pool=runtime.db,
                 contacts=ContactsClient(http, base_url=settings.contacts_url, headers=headers),
+                auth=auth,
                 settings=settings,
                 links=LinkSigner.from_spec(settings.link_signing_keys.get_secret_value()),
             )
@@ -39,12 +46,7 @@ def _campaign(settings: Settings) -> Worker:
                 settings=settings,
                 pool=runtime.db,
                 producer=producer,
-                auth=AuthClient(
-                    http,
-                    base_url=settings.auth_url,
-                    headers=headers,
-                    cache_seconds=settings.api_key_cache_seconds,
-                ),
+                auth=auth,
                 handler=functools.partial(handler[0], settings=settings),
             )
             runtime.consumers.append(consumer)

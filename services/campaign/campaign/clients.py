@@ -1,4 +1,5 @@
-"""The other services campaign calls: contacts (audiences, preview contacts) and auth (API keys)."""
+"""The other services campaign calls: contacts (audiences, preview contacts) and auth (API keys,
+a user's current state)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, Field, ValidationError
+
+from herald.events.auth import UserChanged
 
 
 class Unavailable(Exception):
@@ -40,6 +43,16 @@ async def _post(
 ) -> httpx.Response:
     try:
         response = await http.post(url, json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"{url}: {type(exc).__name__}") from None
+    if response.status_code >= 500 or response.status_code in (408, 429):
+        raise Unavailable(f"{url}: HTTP {response.status_code}")
+    return response
+
+
+async def _get(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> httpx.Response:
+    try:
+        response = await http.get(url, headers=headers)
     except httpx.HTTPError as exc:
         raise Unavailable(f"{url}: {type(exc).__name__}") from None
     if response.status_code >= 500 or response.status_code in (408, 429):
@@ -178,7 +191,8 @@ class _KeyAnswer(BaseModel):
 
 
 class AuthClient:
-    """`POST /internal/api-keys/verify` of the auth service, with a short-lived cache."""
+    """`POST /internal/api-keys/verify` of the auth service, with a short-lived cache, and
+    `GET /internal/users/{id}`."""
 
     def __init__(
         self,
@@ -190,6 +204,7 @@ class AuthClient:
     ) -> None:
         self._http = http
         self._url = base_url.rstrip("/") + "/internal/api-keys/verify"
+        self._users_url = base_url.rstrip("/") + "/internal/users/"
         self._headers = headers
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, KeyOwner | None]] = {}
@@ -215,3 +230,17 @@ class AuthClient:
             self._cache.clear()
         self._cache[api_key] = (now + self._cache_seconds, owner)
         return owner
+
+    async def user(self, user_id: uuid.UUID) -> UserChanged | None:
+        """The user's current state (the fields of `user.changed`), None if auth does not know
+        them (or Unavailable). Not cached: it is asked when campaign's copy may be behind."""
+        url = f"{self._users_url}{user_id}"
+        response = await _get(self._http, url, self._headers)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise Unavailable(f"auth: HTTP {response.status_code}")
+        try:
+            return UserChanged.model_validate_json(response.content)
+        except ValidationError:
+            raise Unavailable("auth: unreadable answer") from None

@@ -7,6 +7,8 @@ one transaction: the status change, the quota check (under a per-account lock) a
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +17,7 @@ from typing import Any, Literal
 import asyncpg
 
 from campaign import domain, store
-from campaign.clients import ContactsClient, Refused, Unavailable
+from campaign.clients import AuthClient, ContactsClient, Refused, Unavailable
 from campaign.config import Settings
 from campaign.metrics import EMAILS_COMPOSED, EMAILS_QUEUED, QUOTA_REFUSALS
 from campaign.schemas import ComposeRequest, PatchRequest, Preview, SendRequest
@@ -34,15 +36,18 @@ from herald.events.requests import SendRequested
 from herald.links import LinkSigner, UnsubscribeToken
 from herald.templates import TemplateProblem, compile_email, render_context
 
+log = logging.getLogger(__name__)
+
 Via = Literal["send", "schedule", "request", "test"]
 
 
 @dataclass(frozen=True)
 class Campaign:
-    """What the email operations need: the pool, the contacts service and the settings."""
+    """What the email operations need: the pool, the contacts and auth services, the settings."""
 
     pool: asyncpg.Pool
     contacts: ContactsClient
+    auth: AuthClient
     settings: Settings
     links: LinkSigner
 
@@ -54,12 +59,69 @@ def policy(settings: Settings) -> domain.SenderPolicy:
     )
 
 
+_SENDER_FIELDS = tuple(field.name for field in dataclasses.fields(domain.Sender))
+
+
 def _sender(row: asyncpg.Record | None) -> domain.Sender | None:
-    return domain.Sender(**dict(row)) if row is not None else None
+    if row is None:
+        return None
+    return domain.Sender(**{name: row[name] for name in _SENDER_FIELDS})
 
 
-def _unavailable(exc: Exception) -> ApiError:
-    return ApiError(503, "unavailable", f"the contacts service is unavailable: {exc}")
+def _unavailable(exc: Exception, service: str = "contacts") -> ApiError:
+    return ApiError(503, "unavailable", f"the {service} service is unavailable: {exc}")
+
+
+async def current_sender(app: Campaign, *, account_id: uuid.UUID) -> domain.Sender | None:
+    """The account's sender identity, for a decision that may refuse to send.
+
+    Campaign's copy follows auth's `user.changed`, which can arrive after a new user confirmed
+    their address and pressed send. So when the copy is missing, or unverified while senders
+    must be verified, auth (the owner) is asked and its answer used and kept; a verified copy is
+    used as it is, without asking.
+    """
+    async with app.pool.acquire() as conn:
+        row = await store.get_sender(conn, account_id=account_id)
+    local = _sender(row)
+    must_verify = app.settings.require_verified_sender
+    if local is not None and (local.email_verified or not must_verify):
+        return local
+    try:
+        user = await app.auth.user(account_id)
+    except Unavailable as exc:
+        if not must_verify:
+            return local
+        # "Verify your address first" may be untrue (the event may just be late): the honest
+        # answer is that it cannot be told now.
+        raise _unavailable(exc, "auth") from None
+    if user is None:
+        return local
+    fresh = domain.Sender(
+        email=user.email,
+        email_verified=user.email_verified,
+        default_sender_name=user.default_sender_name,
+        reply_to=user.reply_to,
+        timezone=user.timezone,
+        status=user.status,
+        daily_send_quota=user.daily_send_quota,
+    )
+    if fresh != local:
+        async with app.pool.acquire() as conn:
+            # Kept only if no `user.changed` was written meanwhile: that event may be newer.
+            kept = await store.put_sender_unless_changed(
+                conn,
+                account_id=account_id,
+                seen_at=row["updated_at"] if row is not None else None,
+                **dataclasses.asdict(fresh),
+            )
+        log.info(
+            "sender of account %s taken from auth (campaign had %s): verified=%s, kept=%s",
+            account_id,
+            "it unverified" if local is not None else "none",
+            fresh.email_verified,
+            kept,
+        )
+    return fresh
 
 
 async def _check_audience(
@@ -90,13 +152,11 @@ async def compose(
     await _check_audience(
         app, account_id=account_id, list_ids=request.list_ids, contact_ids=request.contact_ids
     )
+    from_email = None
+    if request.from_email is not None:
+        sender = await current_sender(app, account_id=account_id)
+        from_email = domain.check_from(request.from_email, sender, policy(app.settings))
     async with app.pool.acquire() as conn:
-        sender = _sender(await store.get_sender(conn, account_id=account_id))
-        from_email = (
-            domain.check_from(request.from_email, sender, policy(app.settings))
-            if request.from_email is not None
-            else None
-        )
         row = await store.insert_email(
             conn,
             email_id=uuid.uuid4(),
@@ -156,6 +216,9 @@ async def update(
     await _check_audience(
         app, account_id=account_id, list_ids=request.list_ids, contact_ids=request.contact_ids
     )
+    checks_from = "from_email" in given and request.from_email is not None
+    # Asked before the transaction: it may call auth, which must not hold the email's lock.
+    sender = await current_sender(app, account_id=account_id) if checks_from else None
     async with app.pool.acquire() as conn, conn.transaction():
         row = await store.get_email(conn, account_id=account_id, email_id=email_id, lock=True)
         if row is None:
@@ -177,8 +240,7 @@ async def update(
         }
         merged.update({name: getattr(request, name) for name in given})
         content = domain.prepare_content(merged["subject"], merged["html"], merged["text"])
-        sender = _sender(await store.get_sender(conn, account_id=account_id))
-        if "from_email" in given and merged["from_email"] is not None:
+        if checks_from:
             merged["from_email"] = domain.check_from(
                 merged["from_email"], sender, policy(app.settings)
             )
@@ -211,10 +273,10 @@ async def delete(app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID) -
     raise domain.conflict(f"only drafts can be deleted; this email is {row['status']}")
 
 
-async def _audience_size(app: Campaign, *, account_id: uuid.UUID, email: asyncpg.Record) -> int:
+async def _audience_size(
+    app: Campaign, *, account_id: uuid.UUID, email: asyncpg.Record, sender: domain.Sender | None
+) -> int:
     """Recipients the email would go to now, counted only as far as a quota needs."""
-    async with app.pool.acquire() as conn:
-        sender = _sender(await store.get_sender(conn, account_id=account_id))
     to = email["to_addresses"]
     if sender is None or sender.daily_send_quota is None or email["kind"] == "system":
         return len(to)
@@ -239,15 +301,16 @@ async def queue(
     send_at: datetime | None,
     audience_size: int,
     via: Via,
+    sender: domain.Sender | None,
 ) -> asyncpg.Record:
-    """Hand a locked email over: now (`queued`) or at `send_at` (`scheduled`)."""
+    """Hand a locked email over: now (`queued`) or at `send_at` (`scheduled`), under the
+    account's `sender` identity (see `current_sender`)."""
     if email["status"] not in domain.SENDABLE:
         raise domain.conflict(f"this email is {email['status']}: it cannot be sent again")
     account_id: uuid.UUID = email["account_id"]
     kind: str = email["kind"]
     if not (email["list_ids"] or email["contact_ids"] or email["to_addresses"]):
         raise domain.invalid("to", "the email has no recipients: give list_ids, contact_ids or to")
-    sender = _sender(await store.get_sender(conn, account_id=account_id))
     if kind == "system":
         identity = domain.Identity(
             from_email=email["from_email"] or settings.system_from_email,
@@ -322,23 +385,33 @@ async def _hand_over(
     email_id: uuid.UUID,
     send_at: datetime | None,
     via: Via,
+    sender: domain.Sender | None,
 ) -> asyncpg.Record:
     email = await get(app, account_id=account_id, email_id=email_id)
     if email["status"] not in domain.SENDABLE:
         raise domain.conflict(f"this email is {email['status']}: it cannot be sent again")
-    size = await _audience_size(app, account_id=account_id, email=email)
+    size = await _audience_size(app, account_id=account_id, email=email, sender=sender)
     async with app.pool.acquire() as conn, conn.transaction():
         locked = await store.get_email(conn, account_id=account_id, email_id=email_id, lock=True)
         if locked is None:
             raise not_found("email")
         return await queue(
-            conn, settings=app.settings, email=locked, send_at=send_at, audience_size=size, via=via
+            conn,
+            settings=app.settings,
+            email=locked,
+            send_at=send_at,
+            audience_size=size,
+            via=via,
+            sender=sender,
         )
 
 
 async def send(app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID) -> asyncpg.Record:
     """Send a draft (or a scheduled email) now."""
-    return await _hand_over(app, account_id=account_id, email_id=email_id, send_at=None, via="send")
+    sender = await current_sender(app, account_id=account_id)
+    return await _hand_over(
+        app, account_id=account_id, email_id=email_id, send_at=None, via="send", sender=sender
+    )
 
 
 async def send_inline(
@@ -350,6 +423,7 @@ async def send_inline(
     assert request.subject is not None
     content = domain.prepare_content(request.subject, request.html, request.text)
     to = domain.addresses(request.to, "to")
+    sender = await current_sender(app, account_id=account_id)
     async with app.pool.acquire() as conn, conn.transaction():
         if request.idempotency_key is not None:
             earlier = await store.email_by_idempotency_key(
@@ -391,6 +465,7 @@ async def send_inline(
             send_at=None,
             audience_size=len(to),
             via="send",
+            sender=sender,
         )
 
 
@@ -399,13 +474,12 @@ async def schedule(
 ) -> asyncpg.Record:
     """Send the email at `send_at`; an email already scheduled is moved."""
     await get(app, account_id=account_id, email_id=email_id)
-    async with app.pool.acquire() as conn:
-        sender = _sender(await store.get_sender(conn, account_id=account_id))
+    sender = await current_sender(app, account_id=account_id)
     when = domain.resolve_send_at(
         send_at, timezone=sender.timezone if sender else None, now=datetime.now(UTC)
     )
     return await _hand_over(
-        app, account_id=account_id, email_id=email_id, send_at=when, via="schedule"
+        app, account_id=account_id, email_id=email_id, send_at=when, via="schedule", sender=sender
     )
 
 
@@ -528,6 +602,7 @@ async def send_test(
 ) -> asyncpg.Record:
     """Send one copy of the email to `to`, marked as a test; the email itself is unchanged."""
     address = domain.address(to, "to")
+    sender = await current_sender(app, account_id=account_id)
     async with app.pool.acquire() as conn, conn.transaction():
         email = await store.get_email(conn, account_id=account_id, email_id=email_id)
         if email is None:
@@ -553,7 +628,13 @@ async def send_test(
         )
         assert copy is not None
         return await queue(
-            conn, settings=app.settings, email=copy, send_at=None, audience_size=1, via="test"
+            conn,
+            settings=app.settings,
+            email=copy,
+            send_at=None,
+            audience_size=1,
+            via="test",
+            sender=sender,
         )
 
 
@@ -574,9 +655,11 @@ async def accept_request(
         domain.address(value, name, strict=strict) if value else None
         for name, value in (("from_email", request.from_email), ("reply_to", request.reply_to))
     )
+    # Campaign's own copy only: this runs in the consumer's transaction, where waiting on auth
+    # would hold it open.
+    sender = _sender(await store.get_sender(conn, account_id=account_id))
     send_at = None
     if request.send_at is not None:
-        sender = _sender(await store.get_sender(conn, account_id=account_id))
         aware = request.send_at
         if aware.tzinfo is None:
             aware = aware.replace(tzinfo=domain.zone(sender.timezone if sender else None))
@@ -604,5 +687,11 @@ async def accept_request(
     if email is None:
         return None
     return await queue(
-        conn, settings=settings, email=email, send_at=send_at, audience_size=len(to), via="request"
+        conn,
+        settings=settings,
+        email=email,
+        send_at=send_at,
+        audience_size=len(to),
+        via="request",
+        sender=sender,
     )

@@ -51,11 +51,63 @@ async def put_sender(
     )
 
 
+async def put_sender_unless_changed(
+    conn: Conn,
+    *,
+    account_id: uuid.UUID,
+    seen_at: datetime | None,
+    email: str,
+    email_verified: bool,
+    default_sender_name: str | None,
+    reply_to: str | None,
+    timezone: str,
+    status: str,
+    daily_send_quota: int | None,
+) -> bool:
+    """Keep what auth answered when asked directly, only if the row is still as it was read
+    before asking (`seen_at`: its `updated_at`, None: there was none); False if `user.changed`
+    wrote it meanwhile, since that event may be newer than the answer."""
+    values = (
+        account_id,
+        email,
+        email_verified,
+        default_sender_name,
+        reply_to,
+        timezone,
+        status,
+        daily_send_quota,
+    )
+    if seen_at is None:
+        return (
+            await conn.fetchval(
+                """INSERT INTO senders (account_id, email, email_verified, default_sender_name,
+                                        reply_to, timezone, status, daily_send_quota)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   ON CONFLICT (account_id) DO NOTHING RETURNING true""",
+                *values,
+            )
+            is not None
+        )
+    return (
+        await conn.fetchval(
+            """UPDATE senders
+                  SET email = $2, email_verified = $3, default_sender_name = $4, reply_to = $5,
+                      timezone = $6, status = $7, daily_send_quota = $8, updated_at = now()
+                WHERE account_id = $1 AND updated_at = $9
+            RETURNING true""",
+            *values,
+            seen_at,
+        )
+        is not None
+    )
+
+
 async def get_sender(conn: Conn, *, account_id: uuid.UUID) -> asyncpg.Record | None:
-    """The account's sender identity and quota, if auth has told us about it."""
+    """The account's sender identity and quota, if auth has told us about it (`updated_at`:
+    when it was last written)."""
     return await conn.fetchrow(
         """SELECT email, email_verified, default_sender_name, reply_to, timezone, status,
-                  daily_send_quota
+                  daily_send_quota, updated_at
              FROM senders WHERE account_id = $1""",
         account_id,
     )
