@@ -8,6 +8,11 @@ whose handler keeps failing is dead-lettered after `max_attempts`. An unreachabl
 not the event's fault: that is retried, without committing, until it comes back. Offsets are
 committed only after the effects are durable.
 
+A handler may also take a run of events of its type at once (`BatchHandler`), for events that
+come by the thousand: their inbox records are claimed in one statement and the handler gets the
+new ones together, with the same effects as one by one. Retried event by event, it takes them
+one at a time.
+
 A broker that lost its memory (the embedded one keeps nothing across a restart) has lost the
 group too: it answers the next heartbeat with an unknown member, and the group it then forms
 starts counting generations again. That is how the runner notices, whatever the new log holds by
@@ -27,6 +32,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +59,27 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope[Any], Conn], Awaitable[None]]
 Handlers = Mapping[type[EventData], Sequence[Handler]]
+ManyHandler = Callable[[Sequence[Envelope[Any]], Conn], Awaitable[None]]
+
+
+class BatchHandler:
+    """A handler that can take a run of consecutive events of its type at once.
+
+    `many` must have the effects `each` would have on the same events one after the other, in
+    order (duplicates already dropped). The runner calls `many` when the batch holds several
+    such events and this is the type's only handler, and `each` when it retries event by event.
+    While `many` runs, the correlation id (logs, outbox headers) is the first event's.
+    """
+
+    def __init__(self, *, each: Handler, many: ManyHandler) -> None:
+        self.each = each
+        self.many = many
+
+    async def __call__(self, envelope: Envelope[Any], conn: Conn) -> None:
+        await self.each(envelope, conn)
+
+    def __repr__(self) -> str:
+        return f"BatchHandler({getattr(self.each, '__name__', self.each)!r})"
 
 
 def group_generation(consumer: AIOKafkaConsumer) -> int | None:
@@ -261,8 +289,8 @@ class ConsumerRunner:
         while True:
             try:
                 outcomes = await self._in_one_transaction([e for _, e in events])
-                for outcome in outcomes:
-                    EVENTS_CONSUMED.labels(topic, outcome).inc()
+                for outcome, count in Counter(outcomes).items():
+                    EVENTS_CONSUMED.labels(topic, outcome).inc(count)
                 return True
             except Exception as exc:
                 if not db.is_connection_error(exc):
@@ -301,10 +329,21 @@ class ConsumerRunner:
         return True
 
     async def _in_one_transaction(self, envelopes: Sequence[Envelope[Any]]) -> list[str]:
-        outcomes = []
+        outcomes: list[str] = []
         async with self._pool.acquire() as conn, conn.transaction():
-            for envelope in envelopes:
+            start = 0
+            while start < len(envelopes):
+                envelope = envelopes[start]
                 handlers = self._by_type.get(envelope.type)
+                end = start + 1
+                if handlers and len(handlers) == 1 and isinstance(handlers[0], BatchHandler):
+                    while end < len(envelopes) and envelopes[end].type == envelope.type:
+                        end += 1
+                    if end - start > 1:
+                        outcomes += await self._handle_run(conn, handlers[0], envelopes[start:end])
+                        start = end
+                        continue
+                start = end
                 if not handlers:
                     outcomes.append("ignored")
                     continue
@@ -319,6 +358,24 @@ class ConsumerRunner:
                     logs.correlation_id.reset(token)
                 outcomes.append("processed")
         return outcomes
+
+    async def _handle_run(
+        self, conn: Conn, handler: BatchHandler, envelopes: Sequence[Envelope[Any]]
+    ) -> list[str]:
+        """Consecutive events of one type, claimed in the inbox together and handled at once."""
+        first: dict[uuid.UUID, Envelope[Any]] = {}
+        for envelope in envelopes:
+            first.setdefault(envelope.id, envelope)
+        claimed = await inbox.claim_many(conn, event_ids=list(first), topic=envelopes[0].topic)
+        fresh = [envelope for event_id, envelope in first.items() if event_id in claimed]
+        if fresh:
+            head = fresh[0]
+            token = logs.correlation_id.set(head.correlation_id or str(head.id))
+            try:
+                await handler.many(fresh, conn)
+            finally:
+                logs.correlation_id.reset(token)
+        return ["processed"] * len(fresh) + ["duplicate"] * (len(envelopes) - len(fresh))
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
         headers = [

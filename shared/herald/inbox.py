@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from herald.db import Conn
 
@@ -16,6 +17,17 @@ async def claim(conn: Conn, *, event_id: uuid.UUID, topic: str) -> bool:
         topic,
     )
     return row is True
+
+
+async def claim_many(conn: Conn, *, event_ids: Sequence[uuid.UUID], topic: str) -> set[uuid.UUID]:
+    """Record each of `event_ids` (distinct) in this transaction; those not processed before."""
+    rows = await conn.fetch(
+        "INSERT INTO inbox (event_id, topic) SELECT unnest($1::uuid[]), $2"
+        " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        event_ids,
+        topic,
+    )
+    return {row["event_id"] for row in rows}
 
 
 async def prune(conn: Conn, *, older_than_days: int) -> int:

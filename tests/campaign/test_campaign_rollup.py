@@ -179,3 +179,99 @@ async def test_events_of_unknown_emails_are_ignored(pool: asyncpg.Pool):
         EmailFannedOut(email_id=stranger, revision=1, total_recipients=1, batches=1),
         EmailFanoutStarted(email_id=stranger, revision=1),
     )
+
+
+async def feed_as_one_batch(pool: asyncpg.Pool, *events: MessageDispatched) -> None:
+    """All of `events` handed to the batch form of the handler at once, as the consumer does."""
+    async with pool.acquire() as conn, conn.transaction():
+        await handlers.when_messages_dispatched_count_outcomes(
+            [Envelope.wrap(data, account_id=ACCOUNT) for data in events], conn
+        )
+
+
+async def outcomes_of(pool: asyncpg.Pool, email_id: uuid.UUID) -> list[tuple[str, str]]:
+    rows = await pool.fetch(
+        "SELECT recipient, status FROM outcomes WHERE email_id = $1 ORDER BY recipient", email_id
+    )
+    return [(row["recipient"], row["status"]) for row in rows]
+
+
+async def test_a_batch_of_outcomes_has_the_effects_of_its_events_one_by_one(pool: asyncpg.Pool):
+    def story(email_id: uuid.UUID, stranger: uuid.UUID) -> list[MessageDispatched]:
+        return [
+            outcome(email_id, "a@example.com", "deferred"),
+            outcome(email_id, "a@example.com", "failed", 2),
+            outcome(email_id, "A@Example.com", "sent", 3),  # the first final outcome counts
+            outcome(stranger, "a@example.com", "sent"),
+            outcome(email_id, "b@example.com", "sent"),
+            outcome(email_id, "c@example.com", "sent"),
+            outcome(email_id, "c@example.com", "deferred"),  # late: the email stays finished
+        ]
+
+    states, outcomes = [], []
+    for batched in (False, True):
+        email_id = await queued_email(pool)
+        await feed(
+            pool, EmailFannedOut(email_id=email_id, revision=1, total_recipients=3, batches=1)
+        )
+        events = story(email_id, uuid.uuid4())
+        await (feed_as_one_batch(pool, *events) if batched else feed(pool, *events))
+        states.append(await state(pool, email_id))
+        outcomes.append(await outcomes_of(pool, email_id))
+    assert (
+        states[0]
+        == states[1]
+        == {
+            "status": "sent",
+            "recipients": 3,
+            "sent_count": 2,
+            "failed_count": 1,
+            "failure_reason": None,
+        }
+    )
+    assert outcomes[0] == outcomes[1]
+
+
+async def test_a_batch_counts_a_retried_failure_again_once_forgotten(pool: asyncpg.Pool):
+    email_id = await queued_email(pool)
+    await feed(pool, EmailFannedOut(email_id=email_id, revision=1, total_recipients=2, batches=1))
+    await feed_as_one_batch(
+        pool,
+        outcome(email_id, "a@example.com", "failed"),
+        outcome(email_id, "b@example.com", "failed"),
+    )
+    assert (await state(pool, email_id))["status"] == "failed"
+    async with pool.acquire() as conn, conn.transaction():
+        assert (await store.forget_failed(conn, email_id=email_id))["forgotten"] == 2
+    await feed_as_one_batch(
+        pool,
+        outcome(email_id, "a@example.com", "sent", 2),
+        outcome(email_id, "a@example.com", "failed", 3),  # a repeat of an outcome: not counted
+    )
+    assert await state(pool, email_id) == {
+        "status": "sending",
+        "recipients": 2,
+        "sent_count": 1,
+        "failed_count": 0,
+        "failure_reason": None,
+    }
+    await feed_as_one_batch(pool, outcome(email_id, "b@example.com", "failed", 2))
+    assert (await state(pool, email_id)) == {
+        "status": "sent",
+        "recipients": 2,
+        "sent_count": 1,
+        "failed_count": 1,
+        "failure_reason": None,
+    }
+
+
+async def test_a_batch_of_deferrals_marks_the_email_sending(pool: asyncpg.Pool):
+    email_id = await queued_email(pool, status="scheduled")
+    await feed_as_one_batch(
+        pool,
+        outcome(email_id, "a@example.com", "deferred"),
+        outcome(email_id, "b@example.com", "deferred"),
+        outcome(uuid.uuid4(), "a@example.com", "deferred"),
+    )
+    assert (await state(pool, email_id))["status"] == "sending"
+    assert await outcomes_of(pool, email_id) == []

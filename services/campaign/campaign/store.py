@@ -350,6 +350,15 @@ async def mark_sending(conn: Conn, *, email_id: uuid.UUID) -> None:
     )
 
 
+async def mark_sending_many(conn: Conn, *, email_ids: Sequence[uuid.UUID]) -> None:
+    """`mark_sending` of each of `email_ids`."""
+    await conn.execute(
+        """UPDATE emails SET status = 'sending', updated_at = now()
+            WHERE id = ANY($1::uuid[]) AND status IN ('scheduled', 'queued')""",
+        email_ids,
+    )
+
+
 async def record_fanout(
     conn: Conn, *, email_id: uuid.UUID, total: int, reason: str | None
 ) -> asyncpg.Record | None:
@@ -393,6 +402,49 @@ async def record_outcome(
         RETURNING status, recipients, sent_count, failed_count""",
         email_id,
         status,
+    )
+
+
+async def record_outcomes(
+    conn: Conn,
+    *,
+    email_ids: Sequence[uuid.UUID],
+    recipients: Sequence[str],
+    statuses: Sequence[str],
+) -> list[asyncpg.Record]:
+    """`record_outcome` of each (email, recipient, status), the pairs distinct and the recipients
+    lower-cased: per email that counted any, its status and counts after them, with `newly_sent`
+    and `newly_failed`."""
+    return list(
+        await conn.fetch(
+            """WITH inserted AS (
+                   INSERT INTO outcomes (email_id, recipient, status)
+                   SELECT o.email_id, o.recipient, o.status
+                     FROM unnest($1::uuid[], $2::text[], $3::text[])
+                          AS o(email_id, recipient, status)
+                    WHERE EXISTS (SELECT 1 FROM emails WHERE id = o.email_id)
+                   ON CONFLICT (email_id, recipient) DO NOTHING
+                   RETURNING email_id, status),
+               counted AS (
+                   SELECT email_id,
+                          (count(*) FILTER (WHERE status = 'sent'))::int AS newly_sent,
+                          (count(*) FILTER (WHERE status = 'failed'))::int AS newly_failed
+                     FROM inserted
+                    GROUP BY email_id)
+               UPDATE emails
+                  SET sent_count = sent_count + counted.newly_sent,
+                      failed_count = failed_count + counted.newly_failed,
+                      status = CASE WHEN status IN ('scheduled', 'queued') THEN 'sending'
+                                    ELSE status END,
+                      updated_at = now()
+                 FROM counted
+                WHERE emails.id = counted.email_id
+            RETURNING emails.id, emails.status, emails.recipients, emails.sent_count,
+                      emails.failed_count, counted.newly_sent, counted.newly_failed""",
+            email_ids,
+            recipients,
+            statuses,
+        )
     )
 
 

@@ -178,6 +178,15 @@ def _as_text(value: object) -> str:
     raise TypeError(f"not serialisable: {type(value).__name__}")
 
 
+@dataclass(frozen=True)
+class Dispatched:
+    """One `email.dispatched` event, as `record_dispatches` takes it."""
+
+    account_id: uuid.UUID
+    data: MessageDispatched
+    at: datetime
+
+
 async def record_dispatch(
     conn: Conn,
     *,
@@ -187,13 +196,46 @@ async def record_dispatch(
     rules: Rules,
 ) -> None:
     """The relay's answer for one recipient (sent, deferred or failed)."""
+    await record_dispatches(
+        conn, events=[Dispatched(account_id=account_id, data=data, at=at)], rules=rules
+    )
+
+
+async def record_dispatches(conn: Conn, *, events: Sequence[Dispatched], rules: Rules) -> None:
+    """The relay's answers, in order, as `record_dispatch` of each: what only depends on the
+    email (its owner, when it was first sent) and the roll-up changes are done once."""
+    if not events:
+        return
+    # The account first named keeps the email, in the order of the events.
+    named: dict[uuid.UUID, uuid.UUID] = {}
+    for event in events:
+        named.setdefault(event.data.email_id, event.account_id)
+    await store.ensure_emails(conn, emails=list(named.items()))
+    owners = {email_id: await store.email_account(conn, email_id=email_id) for email_id in named}
+    rollup = Rollup()
+    first_sent: dict[uuid.UUID, datetime] = {}
+    for event in events:
+        email_id = event.data.email_id
+        if owners[email_id] != event.account_id:
+            SKIPPED.labels(MessageDispatched.TYPE, "account_mismatch").inc()
+            log.warning("outcome for another account's email ignored", extra={"email": email_id})
+            continue
+        if await _record_one_dispatch(conn, event, rollup, rules=rules) and (
+            event.data.status == "sent"
+        ):
+            first_sent[email_id] = min(first_sent.get(email_id, event.at), event.at)
+    for email_id, at in first_sent.items():
+        await store.mark_first_sent(conn, email_id=email_id, at=at)
+    await store.queue_deltas(conn, deltas=rollup.deltas)
+
+
+async def _record_one_dispatch(
+    conn: Conn, event: Dispatched, rollup: Rollup, *, rules: Rules
+) -> bool:
+    """Apply one answer to its recipient's row; False when it changes nothing (a repeat)."""
+    data = event.data
     message_id = normalize_message_id(data.message_id)
     address = normalize_address(data.recipient)
-    await store.ensure_emails(conn, emails=[(data.email_id, account_id)])
-    if await store.email_account(conn, email_id=data.email_id) != account_id:
-        SKIPPED.labels(MessageDispatched.TYPE, "account_mismatch").inc()
-        log.warning("outcome for another account's email ignored", extra={"email": data.email_id})
-        return
     rows = await store.lock_for_outcome(
         conn, message_id=message_id, email_id=data.email_id, recipient=address
     )
@@ -206,28 +248,25 @@ async def record_dispatch(
         )
     r = named or next((r for r in rows if r.message_id == message_id), None)
     if r is None:
-        r = Recipient(message_id=message_id, email_id=data.email_id, account_id=account_id)
+        r = Recipient(message_id=message_id, email_id=data.email_id, account_id=event.account_id)
     newly_named = r.recipient is None
     r.recipient = address
     r.contact_id = data.contact_id or r.contact_id
-    rollup = Rollup()
     changed = record_outcome(
         r,
         rollup,
         status=data.status,
         attempt=data.attempt,
-        at=at,
+        at=event.at,
         smtp_code=data.smtp_code,
         smtp_reply=data.smtp_reply[:1000] if data.smtp_reply else None,
     )
-    if changed and data.status == "sent":
-        await store.mark_first_sent(conn, email_id=data.email_id, at=at)
     await store.save_recipients(conn, recipients=[r])
     if newly_named:
         # Notifications that arrived before this outcome was known apply now.
-        for event in await store.unmatched_provider_events(conn, message_id=r.message_id):
-            await apply_provider_event(conn, r.message_id, event, rollup, rules=rules)
-    await store.queue_deltas(conn, deltas=rollup.deltas)
+        for notification in await store.unmatched_provider_events(conn, message_id=r.message_id):
+            await apply_provider_event(conn, r.message_id, notification, rollup, rules=rules)
+    return changed
 
 
 async def record_provider_events(

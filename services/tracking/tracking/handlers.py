@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from herald.consumer import Handlers
+from herald.consumer import BatchHandler, Handler, Handlers
 from herald.db import Conn
 from herald.events import Envelope, EventData
 from herald.events.auth import UserChanged
@@ -34,6 +34,24 @@ async def when_message_dispatched_record_outcome(
     await flows.record_dispatch(
         conn, account_id=envelope.account_id, data=data, at=envelope.occurred_at, rules=rules
     )
+
+
+async def when_messages_dispatched_record_outcomes(
+    envelopes: Sequence[Envelope[Any]], conn: Conn, *, rules: flows.Rules
+) -> None:
+    """`when_message_dispatched_record_outcome` of each event in turn, sharing per-email work."""
+    events = []
+    for envelope in envelopes:
+        if envelope.account_id is None:
+            SKIPPED.labels(MessageDispatched.TYPE, "no_account").inc()
+            log.warning("email.dispatched without an account ignored", extra={"event": envelope.id})
+            continue
+        events.append(
+            flows.Dispatched(
+                account_id=envelope.account_id, data=envelope.data, at=envelope.occurred_at
+            )
+        )
+    await flows.record_dispatches(conn, events=events, rules=rules)
 
 
 async def when_email_bounced_count_bounce(
@@ -114,9 +132,23 @@ HANDLERS: dict[type[EventData], list[RuleHandler]] = {
 }
 
 
+# Handlers that also take a batch's events of their type at once: the form that does.
+BATCHED: dict[RuleHandler, Callable[..., Awaitable[None]]] = {
+    when_message_dispatched_record_outcome: when_messages_dispatched_record_outcomes,
+}
+
+
 def bind(rules: flows.Rules) -> Handlers:
     """HANDLERS with the service's rules given, as the consumer calls them."""
     return {
-        event: [functools.partial(handler, rules=rules) for handler in handlers]
+        event: [_bind(handler, rules) for handler in handlers]
         for event, handlers in HANDLERS.items()
     }
+
+
+def _bind(handler: RuleHandler, rules: flows.Rules) -> Handler:
+    each = functools.partial(handler, rules=rules)
+    many = BATCHED.get(handler)
+    if many is None:
+        return each
+    return BatchHandler(each=each, many=functools.partial(many, rules=rules))
