@@ -95,6 +95,12 @@ def _response_headers(upstream: httpx.Response) -> tuple[tuple[str, str], ...]:
     )
 
 
+def _unavailable(service: str) -> ApiError:
+    """Counted, and the 503 a client gets when a service cannot be reached."""
+    UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
+    return ApiError(503, "service_unavailable", f"the {service} service is unavailable")
+
+
 async def _send(
     request: Request, upstreams: Upstreams, service: str, caller: Caller | None
 ) -> httpx.Response:
@@ -124,25 +130,16 @@ async def _send(
                 retries -= 1
                 UPSTREAM_REQUESTS.labels(service, "retried").inc()
                 continue
-            UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
-            raise ApiError(
-                503, "service_unavailable", f"the {service} service is unavailable"
-            ) from None
+            raise _unavailable(service) from None
         except httpx.ConnectTimeout:
-            UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
-            raise ApiError(
-                503, "service_unavailable", f"the {service} service is unavailable"
-            ) from None
+            raise _unavailable(service) from None
         except httpx.TimeoutException:
             UPSTREAM_REQUESTS.labels(service, "timeout").inc()
             raise ApiError(
                 504, "upstream_timeout", f"the {service} service did not answer in time"
             ) from None
         except httpx.TransportError:
-            UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
-            raise ApiError(
-                503, "service_unavailable", f"the {service} service is unavailable"
-            ) from None
+            raise _unavailable(service) from None
     UPSTREAM_REQUESTS.labels(service, "answered").inc()
     UPSTREAM_LATENCY.labels(service).observe(time.perf_counter() - started)
     return upstream
