@@ -18,8 +18,8 @@ tables, alternately, `--rounds` times in one process:
   send time and the roll-up changes, per event);
 - after, the services' handler tables, where those are `BatchHandler`s: campaign has one inbox
   insert, one outcome insert with the count updates and a completion check per email, per
-  batch; tracking keeps the recipient's row and notifications per event, and does the rest once
-  per batch (or per email).
+  batch; tracking locks the batch's recipient rows and looks up waiting notifications in one
+  query each, applies the outcomes in order in memory and saves the rows in one statement.
 
 Both run the same `herald.consumer` otherwise. Reported per event, lowest of the rounds: this
 process's CPU, the CPU of the PostgreSQL backend serving it, and the wall time; then decoding

@@ -17,6 +17,7 @@ from herald.events.dispatcher import MessageDispatched
 from tracking import flows, store
 from tracking.domain import Rollup
 from tracking.machine import Classifier
+from tracking.providers import ProviderEvent
 
 RULES = flows.Rules(classifier=Classifier(()), scanner_click_seconds=2.0)
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -121,4 +122,80 @@ async def test_a_batch_of_outcomes_has_the_effects_of_its_events_one_by_one(pool
     assert results[0]["email"] == {
         "account_id": account,
         "first_sent_at": T0 + timedelta(minutes=2),
+    }
+
+
+async def before_outcomes(
+    pool: asyncpg.Pool, email_id: uuid.UUID, account: uuid.UUID, *, notified: bool
+) -> None:
+    """An open of `a` before its outcome (its row, not naming the recipient), and, if
+    `notified`, the provider's hard bounce of `b` before its outcome."""
+    async with pool.acquire() as conn, conn.transaction():
+        await store.ensure_emails(conn, emails=[(email_id, account)])
+        await store.ensure_recipients(conn, rows=[(f"a.{email_id}@h", email_id, account)])
+        if notified:
+            await store.insert_provider_event(
+                conn,
+                event=ProviderEvent(
+                    provider="sendgrid",
+                    event_id=f"bounce-{email_id}",
+                    kind="bounce",
+                    at=T0 + timedelta(minutes=3),
+                    message_id=f"b.{email_id}",
+                    hard=True,
+                ),
+            )
+
+
+@pytest.mark.parametrize("notified", [False, True], ids=["rows_before", "notified_before"])
+async def test_rows_and_notifications_from_before_the_outcome_apply_as_one_by_one(
+    pool: asyncpg.Pool, notified: bool
+):
+    account, stranger = uuid.uuid4(), uuid.uuid4()
+    results = []
+    for batched in (False, True):
+        email_id = uuid.uuid4()
+        await before_outcomes(pool, email_id, account, notified=notified)
+        events = story(email_id, account, stranger)
+        if batched:
+            async with pool.acquire() as conn, conn.transaction():
+                await flows.record_dispatches(conn, events=events, rules=RULES)
+        else:
+            for e in events:
+                async with pool.acquire() as conn, conn.transaction():
+                    await flows.record_dispatch(
+                        conn, account_id=e.account_id, data=e.data, at=e.at, rules=RULES
+                    )
+        result = await outcome_of(pool, email_id)
+        result["unmatched"] = await pool.fetchval(
+            "SELECT count(*) FROM provider_events WHERE message_id LIKE $1 AND NOT matched",
+            f"%{email_id}%",
+        )
+        results.append(result)
+    assert results[0] == results[1]
+    assert results[0]["unmatched"] == 0
+    bounces = {r["recipient"]: r["bounce"] for r in results[0]["recipients"]}
+    assert bounces["b@example.com"] == ("hard" if notified else None)
+
+
+async def test_unmatched_notifications_of_many_messages_are_found_by_local_part(
+    pool: asyncpg.Pool,
+):
+    async with pool.acquire() as conn, conn.transaction():
+        for n, message_id in enumerate(["x@h", "y", "x@other", "z@h"]):
+            await store.insert_provider_event(
+                conn,
+                event=ProviderEvent(
+                    provider="sendgrid",
+                    event_id=f"e{n}",
+                    kind="delivered",
+                    at=T0 - timedelta(minutes=n),
+                    message_id=message_id,
+                ),
+            )
+        await store.mark_provider_event(conn, provider="sendgrid", event_id="e3", message_id="z@h")
+        found = await store.unmatched_provider_events_of(conn, message_ids=["x@h", "y@h", "z@h"])
+    assert {m: [e.event_id for e in events] for m, events in found.items()} == {
+        "x@h": ["e2", "e0"],
+        "y@h": ["e1"],
     }

@@ -196,14 +196,20 @@ async def record_dispatch(
     rules: Rules,
 ) -> None:
     """The relay's answer for one recipient (sent, deferred or failed)."""
-    await record_dispatches(
-        conn, events=[Dispatched(account_id=account_id, data=data, at=at)], rules=rules
+    await _record_dispatches(
+        conn, [Dispatched(account_id=account_id, data=data, at=at)], rules=rules, batched=False
     )
 
 
 async def record_dispatches(conn: Conn, *, events: Sequence[Dispatched], rules: Rules) -> None:
-    """The relay's answers, in order, as `record_dispatch` of each: what only depends on the
-    email (its owner, when it was first sent) and the roll-up changes are done once."""
+    """The relay's answers, in order, as `record_dispatch` of each: the rows are locked, read
+    and written once for the batch, and the answers applied to them in memory."""
+    await _record_dispatches(conn, events, rules=rules, batched=True)
+
+
+async def _record_dispatches(
+    conn: Conn, events: Sequence[Dispatched], *, rules: Rules, batched: bool
+) -> None:
     if not events:
         return
     # The account first named keeps the email, in the order of the events.
@@ -211,22 +217,103 @@ async def record_dispatches(conn: Conn, *, events: Sequence[Dispatched], rules: 
     for event in events:
         named.setdefault(event.data.email_id, event.account_id)
     await store.ensure_emails(conn, emails=list(named.items()))
-    owners = {email_id: await store.email_account(conn, email_id=email_id) for email_id in named}
-    rollup = Rollup()
-    first_sent: dict[uuid.UUID, datetime] = {}
+    owners = await store.email_accounts(conn, email_ids=list(named))
+    mine = []
     for event in events:
         email_id = event.data.email_id
-        if owners[email_id] != event.account_id:
+        if owners.get(email_id) != event.account_id:
             SKIPPED.labels(MessageDispatched.TYPE, "account_mismatch").inc()
             log.warning("outcome for another account's email ignored", extra={"email": email_id})
             continue
-        if await _record_one_dispatch(conn, event, rollup, rules=rules) and (
-            event.data.status == "sent"
-        ):
-            first_sent[email_id] = min(first_sent.get(email_id, event.at), event.at)
+        mine.append(event)
+    rollup = Rollup()
+    first_sent: dict[uuid.UUID, datetime] = {}
+    if not batched or not await _record_in_memory(conn, mine, rollup, first_sent):
+        # Notifications waiting for a newly named recipient apply between its outcome and the
+        # next (rare: the provider told before the relay's answer came): one by one, then.
+        rollup, first_sent = Rollup(), {}
+        for event in mine:
+            if await _record_one_dispatch(conn, event, rollup, rules=rules) and (
+                event.data.status == "sent"
+            ):
+                _note_first_sent(first_sent, event)
     for email_id, at in first_sent.items():
         await store.mark_first_sent(conn, email_id=email_id, at=at)
     await store.queue_deltas(conn, deltas=rollup.deltas)
+
+
+def _note_first_sent(first_sent: dict[uuid.UUID, datetime], event: Dispatched) -> None:
+    email_id = event.data.email_id
+    first_sent[email_id] = min(first_sent.get(email_id, event.at), event.at)
+
+
+async def _record_in_memory(
+    conn: Conn,
+    events: Sequence[Dispatched],
+    rollup: Rollup,
+    first_sent: dict[uuid.UUID, datetime],
+) -> bool:
+    """`_record_one_dispatch` of each event, on rows locked and written once; False, with
+    nothing written, when a recipient it names for the first time has notifications waiting."""
+    keys = [
+        (
+            normalize_message_id(e.data.message_id),
+            e.data.email_id,
+            normalize_address(e.data.recipient),
+        )
+        for e in events
+    ]
+    rows = await store.lock_for_outcomes(conn, keys=keys)
+    # Every row an event could name is locked above: one of its message id, or one of its
+    # address (then or after an earlier event in the batch gave it that address).
+    by_address = {(r.email_id, r.recipient): r for r in rows.values() if r.recipient is not None}
+    touched: dict[str, Recipient] = {}
+    newly_named: list[str] = []
+    for event, (message_id, email_id, address) in zip(events, keys, strict=True):
+        data = event.data
+        found = rows.get(message_id)
+        candidates = [r for r in (found, by_address.get((email_id, address))) if r is not None]
+        named = min(
+            (r for r in candidates if r.recipient == address),
+            key=lambda r: r.message_id,
+            default=None,
+        )
+        if named is not None and named.message_id != message_id:
+            log.warning(
+                "recipient's Message-ID changed between attempts",
+                extra={"email": email_id, "message_id": message_id},
+            )
+        r = named or found
+        if r is None:
+            r = rows[message_id] = Recipient(
+                message_id=message_id, email_id=email_id, account_id=event.account_id
+            )
+        if r.recipient is None:
+            newly_named.append(r.message_id)
+        if r.recipient != address:
+            if r.recipient is not None and by_address.get((r.email_id, r.recipient)) is r:
+                del by_address[(r.email_id, r.recipient)]
+            r.recipient = address
+            by_address[(r.email_id, address)] = r
+        r.contact_id = data.contact_id or r.contact_id
+        changed = record_outcome(
+            r,
+            rollup,
+            status=data.status,
+            attempt=data.attempt,
+            at=event.at,
+            smtp_code=data.smtp_code,
+            smtp_reply=data.smtp_reply[:1000] if data.smtp_reply else None,
+        )
+        touched[r.message_id] = r
+        if changed and data.status == "sent":
+            _note_first_sent(first_sent, event)
+    if await store.unmatched_provider_events_of(conn, message_ids=newly_named):
+        return False
+    # One statement: should the batch move an address from one row to another, the unique
+    # index may refuse the order it is written in, and the consumer retries event by event.
+    await store.save_recipients(conn, recipients=list(touched.values()))
+    return True
 
 
 async def _record_one_dispatch(

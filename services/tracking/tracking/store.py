@@ -146,6 +146,17 @@ async def email_account(conn: Conn, *, email_id: uuid.UUID) -> uuid.UUID | None:
     return account
 
 
+async def email_accounts(
+    conn: Conn, *, email_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, uuid.UUID]:
+    """The account that owns each of these emails, for those known."""
+    rows = await conn.fetch(
+        "SELECT email_id, account_id FROM emails WHERE email_id = ANY($1::uuid[])",
+        list(email_ids),
+    )
+    return {r[0]: r[1] for r in rows}
+
+
 async def tracking_choices(
     conn: Conn, *, email_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, tuple[bool, bool]]:
@@ -233,6 +244,33 @@ async def lock_for_outcome(
         recipient,
     )
     return [Recipient.from_row(r) for r in rows]
+
+
+async def lock_for_outcomes(
+    conn: Conn, *, keys: Sequence[tuple[str, uuid.UUID, str]]
+) -> dict[str, Recipient]:
+    """`lock_for_outcome` of many (message id, email id, recipient) at once: the rows of these
+    messages and of these emails' recipients, by message id, locked in message id order."""
+    if not keys:
+        return {}
+    addresses = sorted({(e, r) for _, e, r in keys})
+    # A union of two index lookups: an OR of both conditions would be planned as a scan.
+    rows = await conn.fetch(
+        f"""SELECT {_RCOLS} FROM recipients
+            WHERE message_id IN (
+                SELECT unnest($1::text[])
+                UNION
+                SELECT r.message_id
+                FROM recipients r
+                JOIN unnest($2::uuid[], $3::text[]) AS k(email_id, recipient)
+                  ON r.email_id = k.email_id AND r.recipient = k.recipient
+                WHERE r.recipient IS NOT NULL)
+            ORDER BY message_id FOR UPDATE""",
+        sorted({m for m, _, _ in keys}),
+        [e for e, _ in addresses],
+        [r for _, r in addresses],
+    )
+    return {r["message_id"]: Recipient.from_row(r) for r in rows}
 
 
 async def find_recipient(conn: Conn, *, email_id: uuid.UUID, recipient: str) -> Recipient | None:
@@ -528,28 +566,54 @@ async def unmatched_provider_events(conn: Conn, *, message_id: str) -> list[Prov
            ORDER BY at FOR UPDATE""",
         message_id,
     )
-    events = []
-    for r in rows:
-        extra: dict[str, Any] = r["detail"]
-        events.append(
-            ProviderEvent(
-                provider=r["provider"],
-                event_id=r["event_id"],
-                kind=r["kind"],
-                at=r["at"],
-                message_id=r["message_id"],
-                provider_message_id=r["provider_message_id"],
-                recipient=r["recipient"],
-                raw_type=str(extra.get("raw_type", "")),
-                hard=bool(extra.get("hard")),
-                detail=extra.get("detail"),
-                user_agent=extra.get("user_agent"),
-                ip=extra.get("ip"),
-                url=extra.get("url"),
-                machine=bool(extra.get("machine")),
-            )
-        )
-    return events
+    return [_provider_event(r) for r in rows]
+
+
+async def unmatched_provider_events_of(
+    conn: Conn, *, message_ids: Sequence[str]
+) -> dict[str, list[ProviderEvent]]:
+    """`unmatched_provider_events` of many messages at once, for those that have some; the
+    notifications are locked in key order, each message's listed oldest first."""
+    if not message_ids:
+        return {}
+    locals_ = sorted({m.split("@", 1)[0] for m in message_ids})
+    rows = await conn.fetch(
+        """SELECT provider, event_id, kind, at, message_id, provider_message_id, recipient,
+                  detail
+           FROM provider_events
+           WHERE split_part(message_id, '@', 1) = ANY($1::text[]) AND NOT matched
+           ORDER BY provider, event_id FOR UPDATE""",
+        locals_,
+    )
+    by_local: dict[str, list[ProviderEvent]] = {}
+    for r in sorted(rows, key=lambda r: r["at"]):
+        by_local.setdefault(r["message_id"].split("@", 1)[0], []).append(_provider_event(r))
+    found = {}
+    for message_id in message_ids:
+        events = by_local.get(message_id.split("@", 1)[0])
+        if events:
+            found[message_id] = events
+    return found
+
+
+def _provider_event(r: asyncpg.Record) -> ProviderEvent:
+    extra: dict[str, Any] = r["detail"]
+    return ProviderEvent(
+        provider=r["provider"],
+        event_id=r["event_id"],
+        kind=r["kind"],
+        at=r["at"],
+        message_id=r["message_id"],
+        provider_message_id=r["provider_message_id"],
+        recipient=r["recipient"],
+        raw_type=str(extra.get("raw_type", "")),
+        hard=bool(extra.get("hard")),
+        detail=extra.get("detail"),
+        user_agent=extra.get("user_agent"),
+        ip=extra.get("ip"),
+        url=extra.get("url"),
+        machine=bool(extra.get("machine")),
+    )
 
 
 # Roll-ups.
