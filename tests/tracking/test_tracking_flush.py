@@ -160,3 +160,16 @@ async def test_opens_and_clicks_change_only_engagement_of_a_delivered_recipient(
     for payload in payloads:
         data = orjson.loads(payload["payload"])["data"]
         assert (data["recipient"], data["contact_id"]) == ("dana@example.com", str(contact))
+
+
+async def test_events_written_with_headers_keep_them_as_a_list(pool: asyncpg.Pool):
+    # A string bound to `$n::jsonb` goes through the connection's JSON codec and would be
+    # stored as one JSON string, which the relay cannot read as headers.
+    headers = orjson.dumps([["correlation_id", "abc"]]).decode()
+    event_id = uuid.uuid4()
+    async with pool.acquire() as conn:
+        await store.write_events(
+            conn, rows=[(event_id, "email.opened", b"k", b"{}")], headers=headers
+        )
+        stored = await conn.fetchval("SELECT headers FROM outbox WHERE event_id = $1", event_id)
+    assert stored == [["correlation_id", "abc"]]

@@ -483,7 +483,7 @@ async def write_events(
         return
     await conn.execute(
         """INSERT INTO outbox (event_id, topic, key, payload, headers)
-           SELECT e, t, k, p, $5::jsonb
+           SELECT e, t, k, p, $5::text::jsonb
            FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[]) AS batch(e, t, k, p)""",
         *[list(column) for column in zip(*rows, strict=True)],
         headers,
