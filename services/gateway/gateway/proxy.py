@@ -112,6 +112,7 @@ async def _send(
         "transfer-encoding" in request.headers
     )
     client = upstreams.clients[service]
+    transport = upstreams.transports[service]
     headers = _request_headers(request, caller)
     # A pooled connection the service closed (a restart, its keep-alive ending) fails before
     # any answer: a request without a body that cannot change anything is sent once more, on
@@ -123,7 +124,7 @@ async def _send(
             request.method, url, headers=headers, content=request.stream() if has_body else None
         )
         try:
-            upstream = await client.send(upstream_request, stream=True)
+            upstream = await transport.handle_async_request(upstream_request)
             break
         except _STALE_CONNECTION:
             if retries > 0:

@@ -26,16 +26,24 @@ class Upstreams:
 
     def __init__(self, urls: dict[str, str], *, timeout: float) -> None:
         self.urls = urls
-        self.clients = {
-            service: httpx.AsyncClient(
-                timeout=httpx.Timeout(timeout, connect=2.0),
+        # Forwarding sends through the transport itself: the client around it would keep the
+        # services' cookies in a jar (work on every answer, and nothing the gateway may keep).
+        self.transports = {
+            service: httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(
                     max_connections=100,
                     max_keepalive_connections=16,
                     keepalive_expiry=KEEPALIVE_SECONDS,
-                ),
+                )
             )
             for service in urls
+        }
+        # Requests are built by (and the gateway's own calls made with) a client on that pool.
+        self.clients = {
+            service: httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout, connect=2.0), transport=transport
+            )
+            for service, transport in self.transports.items()
         }
         # Health, statistics and API documents: few calls, short timeouts of their own.
         self.client = httpx.AsyncClient(
