@@ -52,13 +52,15 @@ test: lint typecheck test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The tracking tests open real mail pages in headless Chromium, the operator tests scrape the
-# services with a real Prometheus, the quick start runs its curl and jq lines (Debian's packages); the pixel benchmark loads the service with
+# services with a real Prometheus, the quick start runs its curl and jq lines, the dispatcher's
+# pipelining is checked against Postfix's smtp-sink (Debian's packages); the pixel benchmark loads the service with
 # wrk. Installed when missing and we may (root with apt-get).
 test-tools:
 	@$(call debian_packages,/usr/bin/chromedriver,chromium chromium-driver)
 	@$(call debian_packages,/usr/bin/prometheus,prometheus)
 	@$(call debian_packages,/usr/bin/jq,jq)
 	@$(call debian_packages,/usr/bin/curl,curl)
+	@$(call debian_packages,/usr/sbin/smtp-sink,postfix)
 
 wrk:
 	@$(call debian_packages,/usr/bin/wrk,wrk)

@@ -2,6 +2,7 @@
 
 import random
 
+import confluent_kafka
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
@@ -49,7 +50,6 @@ def test_partitions_match_aiokafkas_default_partitioner_for_every_count():
 
 
 def test_partitions_match_librdkafkas_murmur2_partitioner():
-    confluent_kafka = pytest.importorskip("confluent_kafka")
     rng = random.Random(13)
     for _ in range(300):
         key = rng.randbytes(rng.randrange(1, 48))

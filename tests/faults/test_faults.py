@@ -29,9 +29,6 @@ async def faults_platform() -> AsyncIterator[Stack]:
 # Scenarios known to fail, by name, with the reason: strict xfail, so a fix shows up as a failure
 # that asks for the mark to be removed. None at present.
 KNOWN_FAILURES: dict[str, str] = {}
-# Scenarios that fail some of the time, with the reason: not strict, as they pass as often.
-# None at present.
-INTERMITTENT: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
@@ -39,8 +36,6 @@ INTERMITTENT: dict[str, str] = {}
     [
         pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=True))
         if name in KNOWN_FAILURES
-        else pytest.param(name, marks=pytest.mark.xfail(reason=INTERMITTENT[name], strict=False))
-        if name in INTERMITTENT
         else name
         for name in SCENARIOS
     ],
