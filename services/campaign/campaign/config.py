@@ -16,7 +16,7 @@ class Settings(BaseServiceSettings):
     # The From of system mails (sign-up confirmation, password reset) that name none.
     system_from_email: str = Field("no-reply@herald.example", validation_alias="SYSTEM_FROM_EMAIL")
     # How long a verified API key is trusted before auth is asked again (revocation delay).
-    api_key_cache_seconds: float = Field(30.0, ge=0, validation_alias="CAMPAIGN_API_KEY_CACHE")
+    api_key_cache_seconds: float = Field(5.0, ge=0, validation_alias="CAMPAIGN_API_KEY_CACHE")
     # How often the emails-per-status gauge is counted again (one GROUP BY over emails).
     status_gauge_seconds: float = Field(
         15.0, gt=0, validation_alias="CAMPAIGN_STATUS_GAUGE_SECONDS"
