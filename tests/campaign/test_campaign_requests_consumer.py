@@ -24,6 +24,7 @@ from herald import db as herald_db
 from herald import migrations
 from herald.devinfra.stack import Stack
 from herald.events import Envelope, PoisonMessage, decode
+from herald.events.auth import UserChanged
 from herald.events.campaign import EmailScheduled
 from herald.events.requests import SendRequested
 from herald.kafka import create_producer
@@ -33,13 +34,27 @@ KEY = "hk_test_known"
 
 
 class FakeAuth:
+    """Auth's API key check, and its `GET /internal/users/{id}` answering `user` (404 if
+    None); `outages` and `user_outages` answer 503 to that many calls of each."""
+
     def __init__(self) -> None:
         self.outages = 0
         self.calls = 0
+        self.user_outages = 0
+        self.user_calls = 0
+        self.user: UserChanged | None = None
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
-        assert request.url.path == "/internal/api-keys/verify"
         assert request.headers["x-internal-token"]
+        if request.url.path == f"/internal/users/{ACCOUNT}":
+            self.user_calls += 1
+            if self.user_outages:
+                self.user_outages -= 1
+                return httpx.Response(503)
+            if self.user is None:
+                return httpx.Response(404, json={"error": {"code": "not_found", "message": "no"}})
+            return httpx.Response(200, content=self.user.model_dump_json())
+        assert request.url.path == "/internal/api-keys/verify"
         self.calls += 1
         if self.outages:
             self.outages -= 1
@@ -195,10 +210,24 @@ async def test_an_envelope_names_its_account_and_may_not_contradict_its_key(harn
         await harness.consumer.accept(Envelope.wrap(keyed, account_id=uuid.uuid4()).to_bytes())
 
 
+def _user(*, verified: bool) -> UserChanged:
+    return UserChanged(
+        user_id=ACCOUNT,
+        email="shop@example.com",
+        email_verified=verified,
+        default_sender_name="Shop",
+        timezone="UTC",
+        status="active",
+        role="user",
+    )
+
+
 async def test_unverified_senders_and_exhausted_quotas_are_refused(harness: Harness):
     await harness.sender(verified=False)
+    harness.auth.user = _user(verified=False)
     with pytest.raises(PoisonMessage, match="from_email"):
         await harness.consumer.accept(bare())
+    assert harness.auth.user_calls == 1  # auth, the owner, was asked before refusing
     await harness.sender(quota=2)
     with pytest.raises(PoisonMessage, match="quota_exceeded"):
         await harness.consumer.accept(bare(to=["a@example.com", "b@example.com", "c@example.com"]))
@@ -222,3 +251,31 @@ async def test_system_mail_needs_no_verified_sender_and_skips_the_quota(harness:
     assert event.kind == "system"
     assert event.content.from_email == "no-reply@herald.example"
     assert not event.content.track_clicks
+
+
+@pytest.mark.parametrize("copy", ["missing", "unverified"])
+async def test_a_sender_campaign_has_not_yet_seen_verified_is_asked_of_auth(
+    harness: Harness, copy: str
+):
+    # A user who confirmed their address and published at once: `user.changed` is still on
+    # its way to campaign, and auth knows better.
+    if copy == "unverified":
+        await harness.sender(verified=False)
+    harness.auth.user = _user(verified=True)
+    ready = await harness.consumer.accept(bare())
+    assert ready is not None
+    assert harness.auth.user_calls == 1
+    await harness.handle(ready)
+    (email,) = await harness.emails()
+    assert (email["status"], email["from_email"]) == ("queued", "shop@example.com")
+    async with harness.pool.acquire() as conn:
+        stored = await store.get_sender(conn, account_id=ACCOUNT)
+    assert stored is not None
+    assert stored["email_verified"]
+
+
+async def test_auth_outages_while_asking_for_the_sender_are_waited_out(harness: Harness):
+    harness.auth.user = _user(verified=True)
+    harness.auth.user_outages = 2
+    assert await harness.consumer.accept(bare()) is not None
+    assert harness.auth.user_calls == 3

@@ -73,21 +73,29 @@ def _unavailable(exc: Exception, service: str = "contacts") -> ApiError:
 
 
 async def current_sender(app: Campaign, *, account_id: uuid.UUID) -> domain.Sender | None:
+    """The account's sender identity, for a decision that may refuse to send (see
+    `fresh_sender`)."""
+    return await fresh_sender(app.pool, app.auth, settings=app.settings, account_id=account_id)
+
+
+async def fresh_sender(
+    pool: asyncpg.Pool, auth: AuthClient, *, settings: Settings, account_id: uuid.UUID
+) -> domain.Sender | None:
     """The account's sender identity, for a decision that may refuse to send.
 
     Campaign's copy follows auth's `user.changed`, which can arrive after a new user confirmed
     their address and pressed send. So when the copy is missing, or unverified while senders
     must be verified, auth (the owner) is asked and its answer used and kept; a verified copy is
-    used as it is, without asking.
+    used as it is, without asking. ApiError 503 when auth cannot be asked and it matters.
     """
-    async with app.pool.acquire() as conn:
+    async with pool.acquire() as conn:
         row = await store.get_sender(conn, account_id=account_id)
     local = _sender(row)
-    must_verify = app.settings.require_verified_sender
+    must_verify = settings.require_verified_sender
     if local is not None and (local.email_verified or not must_verify):
         return local
     try:
-        user = await app.auth.user(account_id)
+        user = await auth.user(account_id)
     except Unavailable as exc:
         if not must_verify:
             return local
@@ -106,7 +114,7 @@ async def current_sender(app: Campaign, *, account_id: uuid.UUID) -> domain.Send
         daily_send_quota=user.daily_send_quota,
     )
     if fresh != local:
-        async with app.pool.acquire() as conn:
+        async with pool.acquire() as conn:
             # Kept only if no `user.changed` was written meanwhile: that event may be newer.
             kept = await store.put_sender_unless_changed(
                 conn,
@@ -656,7 +664,7 @@ async def accept_request(
         for name, value in (("from_email", request.from_email), ("reply_to", request.reply_to))
     )
     # Campaign's own copy only: this runs in the consumer's transaction, where waiting on auth
-    # would hold it open.
+    # would hold it open (the requests consumer brought the copy up to date before).
     sender = _sender(await store.get_sender(conn, account_id=account_id))
     send_at = None
     if request.send_at is not None:

@@ -160,8 +160,34 @@ class RequestsConsumer(ConsumerRunner):
             correlation_id=envelope.correlation_id,
             event_id=event_id,
         )
+        if not data.system and not await self._sender_fresh(account_id):
+            return None
         await self._dry_run(ready)
         return ready
+
+    async def _sender_fresh(self, account_id: uuid.UUID) -> bool:
+        """Campaign's copy of the account's sender, brought up to date from auth when it may be
+        behind (a user who confirmed their address and published at once); False if stopped
+        while auth was unreachable."""
+        delay = 0.5
+        while True:
+            try:
+                await emails.fresh_sender(
+                    self._pool,
+                    self._auth,
+                    settings=self._campaign_settings,
+                    account_id=account_id,
+                )
+            except ApiError as exc:
+                if exc.status != 503:
+                    raise
+                if self._stopping.is_set():
+                    return False
+                log.warning("auth unreachable, request waits", extra={"error": exc.message})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            return True
 
     async def _key_owner(self, api_key: str) -> KeyOwner | None:
         delay = 0.5
