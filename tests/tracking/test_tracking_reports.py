@@ -133,3 +133,81 @@ async def test_a_narrowed_hourly_series_keeps_other_emails_out(pool: asyncpg.Poo
     start, end = datetime(2026, 3, 5, tzinfo=UTC), datetime(2026, 3, 7, tzinfo=UTC)
     assert body["totals"]["opens"] == sum(start <= at < end for at in opened[news])
     assert len(body["series"]) == 48
+
+
+async def test_emails_within_the_period_count_as_their_buckets(pool: asyncpg.Pool) -> None:
+    """An email all of whose hours lie within the period is read as its summed row (and its
+    links from `link_stats`), one reaching past either edge from its buckets: the per-email
+    table and the top links count both exactly as the buckets would."""
+    account = uuid.uuid4()
+    rng = random.Random(str(account))
+    start, end = datetime(2026, 3, 5, tzinfo=UTC), datetime(2026, 3, 12, tzinfo=UTC)
+    windows = {
+        uuid.uuid4(): (datetime(2026, 3, 5, 0, 10, tzinfo=UTC), timedelta(days=6)),  # inside
+        uuid.uuid4(): (datetime(2026, 3, 1, tzinfo=UTC), timedelta(days=8)),  # before start
+        uuid.uuid4(): (datetime(2026, 3, 9, tzinfo=UTC), timedelta(days=8)),  # after end
+        uuid.uuid4(): (datetime(2026, 3, 1, tzinfo=UTC), timedelta(days=3)),  # all before
+        uuid.uuid4(): (datetime(2026, 3, 6, tzinfo=UTC), timedelta(days=4)),  # inside
+    }
+    opens: Counter[uuid.UUID] = Counter()
+    clicks: Counter[tuple[uuid.UUID, int]] = Counter()
+    rollup = Rollup()
+    for email, (first, span) in windows.items():
+        for n in range(300):
+            at = first + timedelta(minutes=rng.randrange(int(span / timedelta(minutes=1))))
+            counted = start <= at.replace(minute=0, second=0, microsecond=0) < end
+            rollup.add("all", email, account, at, opens=1, unique_opens=1)
+            opens[email] += counted
+            if n % 2:
+                link = n % 5
+                rollup.add(
+                    "link", email, account, at, link_index=link, url="https://e.x/", clicks=1
+                )
+                clicks[email, link] += counted
+    # One email read whole and one from buckets carry the tag, and one of each does not.
+    tagged = set(list(windows)[:2])
+    async with pool.acquire() as conn, conn.transaction():
+        for email in windows:
+            await store.put_email_details(
+                conn,
+                email_id=email,
+                account_id=account,
+                subject="s",
+                kind="campaign",
+                tags=["t"] if email in tagged else [],
+                track_opens=True,
+                track_clicks=True,
+            )
+        await store.apply_rollup(conn, tables=rollup.tables())
+
+    async def report(tag: str | None, links: int) -> dict[str, Any]:
+        query = reports.ReportQuery(
+            account_id=account,
+            start=start,
+            end=end,
+            interval=None,
+            email_id=None,
+            tag=tag,
+            limit=10,
+            links=links,
+        )
+        return await reports.report(pool, query, now=NOW)
+
+    for tag, emails in ((None, set(windows)), ("t", tagged)):
+        body = await report(tag, 100)
+        expected = +Counter({email: n for email, n in opens.items() if email in emails})
+        assert {row["email_id"]: row["opens"] for row in body["emails"]} == expected
+        assert body["totals"]["opens"] == sum(expected.values())
+        ranked = sorted(
+            ((n, key) for key, n in (+clicks).items() if key[0] in emails),
+            key=lambda item: (-item[0], item[1]),
+        )
+        found = [
+            ((link["email_id"], link["link_index"]), link["clicks"]) for link in body["top_links"]
+        ]
+        assert found == [(key, n) for n, key in ranked]
+        # Fewer than all: the first of the emails read whole, and of those read from buckets.
+        top = (await report(tag, 3))["top_links"]
+        assert [(link["email_id"], link["link_index"]) for link in top] == [
+            k for _, k in ranked[:3]
+        ]

@@ -164,6 +164,24 @@ def test_rollup_rows_are_summed_per_table():
     assert len(rollup) == 4
 
 
+def test_an_emails_sum_is_its_buckets_and_spans_its_links_hours_too():
+    account, email = uuid.uuid4(), uuid.uuid4()
+    rollup = Rollup()
+    rollup.add("all", email, account, T0, sent=1)
+    rollup.add("stats", email, account, T0 - timedelta(days=3), failed=-1)
+    rollup.add("buckets", email, account, T0 + timedelta(hours=5), deferred=1)
+    rollup.add("link", email, account, T0 + timedelta(days=2), link_index=0, url="u", clicks=1)
+    rollup.add("link", email, account, T0 - timedelta(hours=2), link_index=1, url="u", clicks=1)
+    tables = rollup.tables()
+    summed = tables.email_sums[email]
+    assert summed.counts == sum((c for _, c in tables.email_hourly.values()), Counter())
+    assert summed.counts == Counter(sent=1, deferred=1)
+    # Totals-only changes are no bucket's, so they move neither the sums nor their bounds.
+    assert summed.first_hour == (T0 - timedelta(hours=2)).replace(minute=0)
+    assert summed.last_hour == (T0 + timedelta(days=2)).replace(minute=0)
+    assert summed.account_id == account
+
+
 def test_rates_have_their_bases_and_none_without_one():
     counts = {
         "sent": 90,

@@ -42,7 +42,10 @@ class NotFound(Exception):
 
 
 def _counts(row: Mapping[str, Any] | asyncpg.Record | None) -> dict[str, int]:
-    return {c: int(row[c]) if row is not None else 0 for c in COUNTERS}
+    # Every counter is read as bigint (sums cast back from numeric), so already an int.
+    if row is None:
+        return dict.fromkeys(COUNTERS, 0)
+    return {c: row[c] for c in COUNTERS}
 
 
 async def email_tracking(
@@ -125,6 +128,8 @@ async def report(pool: asyncpg.Pool, query: ReportQuery, *, now: datetime) -> di
             pool,
             store.emails_table,
             account_id=query.account_id,
+            start=period.start,
+            end=period.end,
             parts=parts,
             limit=query.limit,
             **narrow,
@@ -133,6 +138,8 @@ async def report(pool: asyncpg.Pool, query: ReportQuery, *, now: datetime) -> di
             pool,
             store.top_links,
             account_id=query.account_id,
+            start=period.start,
+            end=period.end,
             parts=parts,
             limit=query.links,
             **narrow,
@@ -238,15 +245,18 @@ def _json_default(value: object) -> str:
 
 
 def _email_row(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
-    counts = _counts(row)
-    return {
+    # Built in place, with no intermediate dicts: a report has up to a thousand of these, and
+    # they were most of the CPU time a report took.
+    out = {
         "email_id": row["email_id"],
         "subject": row["subject"],
         "tags": list(row["tags"]),
         "first_sent_at": row["first_sent_at"],
-        **counts,
-        "rates": rates(counts),
     }
+    for c in COUNTERS:
+        out[c] = row[c]
+    out["rates"] = rates(out)
+    return out
 
 
 def to_csv(body: Mapping[str, Any], table: str) -> str:

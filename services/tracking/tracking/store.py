@@ -672,14 +672,18 @@ def _counter_arrays(counters: Sequence[Mapping[str, int]], names: Sequence[str])
 
 
 def _upsert(
-    table: str, keys: Sequence[tuple[str, str]], names: Sequence[str], conflict: str
+    table: str,
+    keys: Sequence[tuple[str, str]],
+    names: Sequence[str],
+    conflict: str,
+    also: Sequence[str] = (),
 ) -> str:
-    """INSERT … ON CONFLICT (`conflict`) adding up counters; `keys` are the (column, type) of
-    the row's other columns, in the order their arrays are passed."""
+    """INSERT … ON CONFLICT (`conflict`) adding up counters (and setting `also`); `keys` are
+    the (column, type) of the row's other columns, in the order their arrays are passed."""
     columns = [k for k, _ in keys] + list(names)
     types = [t for _, t in keys] + ["bigint"] * len(names)
     arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(types, start=1))
-    adds = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in names)
+    adds = ", ".join([*also, *(f"{c} = {table}.{c} + excluded.{c}" for c in names)])
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
         f" ON CONFLICT ({conflict}) DO UPDATE SET {adds}"
@@ -706,6 +710,21 @@ _ACCOUNT_HOURLY_SQL = _upsert(
     [("account_id", "uuid"), ("hour", "timestamptz")],
     COUNTERS,
     "account_id, hour",
+)
+_EMAIL_SUMS_SQL = _upsert(
+    "email_sums",
+    [
+        ("email_id", "uuid"),
+        ("account_id", "uuid"),
+        ("first_hour", "timestamptz"),
+        ("last_hour", "timestamptz"),
+    ],
+    COUNTERS,
+    "email_id",
+    also=(
+        "first_hour = least(email_sums.first_hour, excluded.first_hour)",
+        "last_hour = greatest(email_sums.last_hour, excluded.last_hour)",
+    ),
 )
 _LINK_STATS_SQL = _upsert(
     "link_stats",
@@ -762,6 +781,16 @@ async def apply_rollup(conn: Conn, *, tables: Tables) -> None:
             [k[0] for k, _ in accounts],
             [k[1] for k, _ in accounts],
             *_counter_arrays([c for _, c in accounts], COUNTERS),
+        )
+    if tables.email_sums:
+        sums = sorted(tables.email_sums.items())
+        await conn.execute(
+            _EMAIL_SUMS_SQL,
+            [k for k, _ in sums],
+            [e.account_id for _, e in sums],
+            [e.first_hour for _, e in sums],
+            [e.last_hour for _, e in sums],
+            *_counter_arrays([e.counts for _, e in sums], COUNTERS),
         )
     if tables.link_stats:
         links = sorted(tables.link_stats.items())
@@ -944,7 +973,8 @@ async def day_series(
 ) -> list[asyncpg.Record]:
     """Counts per local day of some emails: each day is (bucket, UTC day) rows of the daily
     roll-up plus (bucket, from, to, sign) spans of the hourly one, added or taken away."""
-    # Hour by hour, so the hourly rows are matched by equality (a hash join), not by range.
+    # Hour by hour, so the hourly rows are matched by equality (a hash join), not by range,
+    # and found through the account's index by those hours, not among all its hours.
     each = [
         (key, lo + n * _ONE_HOUR, sign)
         for key, lo, hi, sign in hours
@@ -970,29 +1000,45 @@ async def day_series(
                      WHERE account_id = $1{where}
                      UNION ALL
                      SELECT h.key, {signed} FROM email_hourly JOIN h USING (hour)
-                     WHERE account_id = $1{where})
+                     WHERE account_id = $1 AND hour = ANY($5::timestamptz[]){where})
             SELECT key, {_SUMS} FROM parts GROUP BY key ORDER BY key""",
         args,
         where=where,
     )
 
 
+def _spans(where: str) -> str:
+    """The account's emails counted in the period ($9 to $10), and whether all their hours lie
+    within it (`whole`): those are read as their summed row, the others from their buckets."""
+    return f"""
+        SELECT email_id, first_hour >= $9 AND last_hour < $10 AS whole, {_COUNTERS}
+        FROM email_sums
+        WHERE account_id = $1 AND last_hour >= $9 AND first_hour < $10{where}
+    """
+
+
 async def emails_table(
     conn: Conn,
     *,
     account_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
     parts: Split,
     email_id: uuid.UUID | None,
     tag: str | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    """Per email, what happened within the period (whole days daily, the edges hourly)."""
-    args: list[Any] = [account_id, *_split_args(parts), limit]
+    """Per email, what happened from `start` to `end` (whole days daily, the edges hourly; an
+    email counted only within the period, as its summed row)."""
+    args: list[Any] = [account_id, *_split_args(parts), limit, start, end]
     where = _narrow(args, email_id=email_id, tag=tag)
-    union = _hybrid(_COUNTERS, "email_daily", "email_hourly", "email_id", where)
+    partial = " AND email_id IN (SELECT email_id FROM spans WHERE NOT whole)"
+    edges = _hybrid(_COUNTERS, "email_daily", "email_hourly", "email_id", partial)
     return await _fetch_report(
         conn,
-        f"""WITH parts AS ({union}),
+        f"""WITH spans AS MATERIALIZED ({_spans(where)}),
+                 parts AS (SELECT email_id, {_COUNTERS} FROM spans WHERE whole
+                           UNION ALL {edges}),
                  totals AS (SELECT email_id, {_SUMS} FROM parts GROUP BY email_id)
             SELECT t.*, e.subject, e.tags, e.first_sent_at
             FROM totals t JOIN emails e ON e.email_id = t.email_id
@@ -1007,24 +1053,40 @@ async def top_links(
     conn: Conn,
     *,
     account_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
     parts: Split,
     email_id: uuid.UUID | None,
     tag: str | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    """The most clicked links within the period."""
-    args: list[Any] = [account_id, *_split_args(parts), limit]
+    """The most clicked links from `start` to `end`: those of emails counted only within the
+    period as they stand in `link_stats` (walked in click order, so only the first few are
+    read), those of emails reaching past its edges summed from their buckets."""
+    args: list[Any] = [account_id, *_split_args(parts), limit, start, end]
     where = _narrow(args, email_id=email_id, tag=tag)
-    union = _hybrid(_LINK_COUNTERS, "link_daily", "link_hourly", "email_id, link_index", where)
+    partial = " AND email_id IN (SELECT email_id FROM partial)"
+    edges = _hybrid(_LINK_COUNTERS, "link_daily", "link_hourly", "email_id, link_index", partial)
     return await _fetch_report(
         conn,
-        f"""WITH parts AS ({union}),
-                 totals AS (SELECT email_id, link_index, {_LINK_SUMS} FROM parts
-                            GROUP BY email_id, link_index
-                            ORDER BY clicks DESC, email_id, link_index LIMIT $8)
-            SELECT t.*, s.url FROM totals t
-            JOIN link_stats s ON s.email_id = t.email_id AND s.link_index = t.link_index
-            ORDER BY t.clicks DESC, t.email_id, t.link_index""",
+        f"""WITH partial AS MATERIALIZED (
+                     SELECT email_id FROM email_sums
+                     WHERE account_id = $1 AND last_hour >= $9 AND first_hour < $10
+                       AND (first_hour < $9 OR last_hour >= $10){where}),
+                 ranked AS (
+                     (SELECT email_id, link_index, {_LINK_COUNTERS} FROM link_stats l
+                      WHERE account_id = $1 AND EXISTS (
+                          SELECT FROM email_sums
+                          WHERE email_sums.email_id = l.email_id
+                            AND first_hour >= $9 AND last_hour < $10{where})
+                      ORDER BY clicks DESC, email_id, link_index LIMIT $8)
+                     UNION ALL
+                     (SELECT email_id, link_index, {_LINK_SUMS} FROM ({edges}) AS e
+                      GROUP BY email_id, link_index)
+                     ORDER BY clicks DESC, email_id, link_index LIMIT $8)
+            SELECT r.*, s.url FROM ranked r
+            JOIN link_stats s ON s.email_id = r.email_id AND s.link_index = r.link_index
+            ORDER BY r.clicks DESC, r.email_id, r.link_index""",
         args,
         where=where,
     )
