@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import ssl
 import time
@@ -19,7 +20,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from herald.devinfra.process import free_port
@@ -28,6 +29,8 @@ from herald.devinfra.tls import development_certificate
 from herald.events.requests import SendRequested
 
 PASSWORD = "gateway-orbit-candle-92-harbor"
+# Larger than what the gateway reads at once (64 KiB), so that it streams.
+LARGE_BODY = bytes(range(256)) * 1024
 Requests = Callable[..., Awaitable[list[SendRequested]]]
 
 
@@ -99,10 +102,34 @@ class Upstream:
             body = json.dumps({"served": self.reports_served, "query": request.url.query})
             return Response(body, media_type="application/json")
 
+        async def large(request: Request) -> Response:
+            # `?as=length|chunked|gzip`: a large answer with repeated fields the client must get.
+            shape = request.query_params.get("as")
+            response: Response
+            if shape == "chunked":
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    for start in range(0, len(LARGE_BODY), 10_000):
+                        yield LARGE_BODY[start : start + 10_000]
+                        await asyncio.sleep(0)
+
+                response = StreamingResponse(chunks(), media_type="application/octet-stream")
+            elif shape == "gzip":
+                response = Response(
+                    gzip.compress(LARGE_BODY),
+                    media_type="application/octet-stream",
+                    headers={"Content-Encoding": "gzip"},
+                )
+            else:
+                response = Response(LARGE_BODY, media_type="application/octet-stream")
+            response.raw_headers += [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]
+            return response
+
         methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
         return Starlette(
             routes=[
                 Route("/reports", reports),
+                Route("/contacts/large", large),
                 Route("/{path:path}", echo, methods=methods),
             ]
         )

@@ -16,7 +16,14 @@ from collections.abc import AsyncIterator
 import httpx
 
 from tests.conftest import TokenMaker
-from tests.gateway.conftest import PASSWORD, Account, EdgeGateway, Requests, new_account
+from tests.gateway.conftest import (
+    LARGE_BODY,
+    PASSWORD,
+    Account,
+    EdgeGateway,
+    Requests,
+    new_account,
+)
 
 
 def address() -> dict[str, str]:
@@ -210,6 +217,27 @@ async def test_the_path_is_forwarded_as_the_client_encoded_it(
     async with edge_gateway.client() as client:
         response = await client.get("/contacts/a%2Fb%20c", headers=address() | bearer(mint_token()))
     assert response.json()["raw_path"] == "/contacts/a%2Fb%20c"
+
+
+async def test_large_answers_stream_through_as_the_service_sent_them(
+    edge_gateway: EdgeGateway, mint_token: TokenMaker
+):
+    async with edge_gateway.client() as client:
+        for shape in ("length", "chunked", "gzip"):
+            async with client.stream(
+                "GET",
+                "/contacts/large",
+                params={"as": shape},
+                headers=address() | bearer(mint_token()),
+            ) as response:
+                assert response.status_code == 200, shape
+                # Passed on encoded: the client, not the gateway, decodes it.
+                assert response.headers.get("content-encoding") == (
+                    "gzip" if shape == "gzip" else None
+                )
+                assert b"".join([chunk async for chunk in response.aiter_bytes()]) == LARGE_BODY
+                assert response.headers.get_list("set-cookie") == ["a=1", "b=2"], shape
+                assert response.headers["x-content-type-options"] == "nosniff"
 
 
 async def test_rate_limit_per_client_address(edge_gateway: EdgeGateway):

@@ -127,3 +127,19 @@ async def test_a_post_on_a_connection_the_service_closed_is_not_sent_again(
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "service_unavailable"
         assert closer.answered == answered
+
+
+async def test_a_delete_on_a_connection_the_service_closed_is_not_sent_again(
+    reuse_gateway: ReuseGateway, mint_token: TokenMaker
+):
+    # Idempotent by RFC 9110, so HTTP clients resend it; the service may still have acted.
+    headers = {"Authorization": f"Bearer {mint_token()}"}
+    closer = reuse_gateway.closer
+    async with httpx.AsyncClient(base_url=reuse_gateway.url, timeout=10) as client:
+        warm = await client.get("/emails", headers=headers)
+        assert warm.status_code == 200, warm.text
+        answered, dropped = closer.answered, closer.dropped
+        refused = await client.delete("/emails/e1", headers=headers)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "service_unavailable"
+        assert (closer.answered, closer.dropped) == (answered, dropped + 1)

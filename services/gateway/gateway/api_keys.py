@@ -10,22 +10,30 @@ from __future__ import annotations
 import hashlib
 import time
 
-import httpx
+import aiohttp
+import orjson
 
 from herald.errors import ApiError
 
 API_KEY_PREFIX = "hk_"
+_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 class ApiKeyExchanger:
     """Turns `hk_…` keys into access tokens through auth's internal endpoint."""
 
     def __init__(
-        self, *, client: httpx.AsyncClient, auth_url: str, headers: dict[str, str], max_age: float
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        auth_url: str,
+        headers: dict[str, str],
+        max_age: float,
     ) -> None:
-        self._client = client
+        self._session = session
         self._url = f"{auth_url}/internal/api-keys/exchange"
-        self._headers = headers
+        # The forwarding session adds no Content-Type of its own.
+        self._headers = headers | {"Content-Type": "application/json"}
         self._max_age = max_age
         self._cache: dict[bytes, tuple[str, float]] = {}
 
@@ -37,19 +45,23 @@ class ApiKeyExchanger:
         if cached is not None and cached[1] > now:
             return cached[0]
         try:
-            response = await self._client.post(
-                self._url, json={"api_key": api_key}, headers=self._headers, timeout=5
-            )
-        except httpx.HTTPError:
+            async with self._session.post(
+                self._url,
+                data=orjson.dumps({"api_key": api_key}),
+                headers=self._headers,
+                timeout=_TIMEOUT,
+            ) as response:
+                status = response.status
+                body = await response.json() if status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             raise ApiError(503, "service_unavailable", "the auth service is unavailable") from None
-        if response.status_code in (404, 422):
+        if status in (404, 422):
             self._cache.pop(digest, None)
             raise ApiError(
                 401, "invalid_token", "invalid API key", headers={"WWW-Authenticate": "Bearer"}
             )
-        if response.status_code != 200:
+        if body is None:
             raise ApiError(503, "service_unavailable", "the auth service is unavailable")
-        body = response.json()
         lifetime = min(float(body["expires_in"]) - 10, self._max_age)
         if len(self._cache) > 10_000:
             self._cache.clear()

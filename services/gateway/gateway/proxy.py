@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import AsyncIterator
+from urllib.parse import quote
 
-import httpx
+import aiohttp
 from fastapi import Request
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
+from yarl import URL
 
 from gateway.cache import Answer, ResponseCache
 from gateway.domain import matches
 from gateway.identity import Caller
 from gateway.metrics import CACHE, UPSTREAM_LATENCY, UPSTREAM_REQUESTS
 from gateway.routes import cache_scope
-from gateway.upstreams import Upstreams
+from gateway.upstreams import ConnectionDropped, Upstreams
 from herald import logs
 from herald.errors import ApiError
 
@@ -47,29 +49,46 @@ _DROP_REQUEST = {
 }
 # Methods that change nothing: safe to send again when a connection fails under them.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
-# Failures that leave no answer at all: refused, reset, or closed before the status line.
-_STALE_CONNECTION = (
-    httpx.ConnectError,
-    httpx.RemoteProtocolError,
-    httpx.ReadError,
-    httpx.WriteError,
-)
+# Everything `quote` would otherwise encode that a request target may carry as it is.
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
 # Answers up to this size are read whole and sent with one write; larger ones stream.
 _READ_AT_ONCE = 64 * 1024
+# Bytes: the names aiohttp gives raw are compared lower-cased, without decoding each one.
 _DROP_RESPONSE = {
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "server",
-    "date",
+    b"connection",
+    b"keep-alive",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"server",
+    b"date",
 }
 
 
+class _ClientBody:
+    """The client's body as it streams to the service, and why it stopped if it failed.
+
+    aiohttp writes a body in a task of its own and reports any failure as a connection error;
+    a body too large (413) or a client gone must reach the client as what they are.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self.failure: Exception | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._request.stream():
+                if chunk:
+                    yield chunk
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+
 def _request_headers(request: Request, caller: Caller | None) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+    headers = [(k, v) for k, v in request.headers.items() if k not in _DROP_REQUEST]
     if caller is not None:
         principal = caller.principal
         headers += [
@@ -89,30 +108,45 @@ def _request_headers(request: Request, caller: Caller | None) -> list[tuple[str,
     return headers
 
 
-def _response_headers(upstream: httpx.Response) -> tuple[tuple[str, str], ...]:
+def _response_headers(upstream: aiohttp.ClientResponse) -> tuple[tuple[str, str], ...]:
     return tuple(
-        (k, v) for k, v in upstream.headers.multi_items() if k.lower() not in _DROP_RESPONSE
+        (k, v) for k, v in upstream.headers.items() if k.lower().encode() not in _DROP_RESPONSE
     )
 
 
-def _unavailable(service: str) -> ApiError:
-    """Counted, and the 503 a client gets when a service cannot be reached."""
-    UPSTREAM_REQUESTS.labels(service, "unavailable").inc()
+def _upstream_url(request: Request, base: str) -> URL:
+    # The path and query as the client encoded them: decoding and re-encoding could change
+    # their meaning.
+    raw_path: bytes = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
+    query: bytes = request.scope["query_string"]
+    target = raw_path + b"?" + query if query else raw_path
+    if not target.isascii():
+        # Octets beyond ASCII that a client sent unencoded go on percent-encoded: the same
+        # octets to the service, in a request line every HTTP/1.1 parser takes.
+        return URL(base + quote(target, safe=_PRINTABLE_ASCII), encoded=True)
+    return URL(base + target.decode("ascii"), encoded=True)
+
+
+def _error(exc: aiohttp.ClientError, service: str) -> ApiError:
+    """The answer a client gets when `service` fails it: 503 unreachable, 504 gone quiet."""
+    # Waiting for a connection (pooled or new) is the service being unreachable; a service that
+    # took the request and then said nothing for too long has timed out.
+    if isinstance(exc, aiohttp.ServerTimeoutError) and not isinstance(
+        exc, aiohttp.ConnectionTimeoutError
+    ):
+        return ApiError(504, "upstream_timeout", f"the {service} service did not answer in time")
     return ApiError(503, "service_unavailable", f"the {service} service is unavailable")
 
 
 async def _send(
     request: Request, upstreams: Upstreams, service: str, caller: Caller | None
-) -> httpx.Response:
-    # The path as the client encoded it: decoding and re-encoding could change its meaning.
-    raw_path = request.scope.get("raw_path")
-    path = raw_path.decode("latin-1") if raw_path else request.url.path
-    url = httpx.URL(upstreams.urls[service] + path, query=request.url.query.encode("latin-1"))
+) -> aiohttp.ClientResponse:
+    url = _upstream_url(request, upstreams.urls[service])
     has_body = request.headers.get("content-length", "0") != "0" or (
         "transfer-encoding" in request.headers
     )
-    client = upstreams.clients[service]
-    transport = upstreams.transports[service]
+    body = _ClientBody(request) if has_body else None
+    session = upstreams.sessions[service]
     headers = _request_headers(request, caller)
     # A pooled connection the service closed (a restart, its keep-alive ending) fails before
     # any answer: a request without a body that cannot change anything is sent once more, on
@@ -120,67 +154,58 @@ async def _send(
     retries = 1 if request.method in _IDEMPOTENT and not has_body else 0
     started = time.perf_counter()
     while True:
-        upstream_request = client.build_request(
-            request.method, url, headers=headers, content=request.stream() if has_body else None
-        )
         try:
-            upstream = await transport.handle_async_request(upstream_request)
+            upstream = await session.request(
+                request.method, url, headers=headers, data=body, allow_redirects=False
+            )
             break
-        except _STALE_CONNECTION:
-            if retries > 0:
+        except aiohttp.ClientError as exc:
+            if body is not None and body.failure is not None:
+                raise body.failure from None
+            if isinstance(exc, ConnectionDropped) and retries > 0:
                 retries -= 1
                 UPSTREAM_REQUESTS.labels(service, "retried").inc()
                 continue
-            raise _unavailable(service) from None
-        except httpx.ConnectTimeout:
-            raise _unavailable(service) from None
-        except httpx.TimeoutException:
-            UPSTREAM_REQUESTS.labels(service, "timeout").inc()
-            raise ApiError(
-                504, "upstream_timeout", f"the {service} service did not answer in time"
-            ) from None
-        except httpx.TransportError:
-            raise _unavailable(service) from None
+            error = _error(exc, service)
+            outcome = "timeout" if error.status == 504 else "unavailable"
+            UPSTREAM_REQUESTS.labels(service, outcome).inc()
+            raise error from None
     UPSTREAM_REQUESTS.labels(service, "answered").inc()
     UPSTREAM_LATENCY.labels(service).observe(time.perf_counter() - started)
     return upstream
 
 
-async def _relay(upstream: httpx.Response, service: str) -> Response:
+async def _relay(upstream: aiohttp.ClientResponse, service: str) -> Response:
     """The service's answer to the client: small bodies read at once, larger ones streamed."""
     length = upstream.headers.get("content-length", "")
     response: Response
     if length.isdigit() and int(length) <= _READ_AT_ONCE:
-        body = await _read(upstream, service)
-        response = Response(body, status_code=upstream.status_code)
+        response = Response(await _read(upstream, service), status_code=upstream.status)
     else:
-        response = StreamingResponse(
-            upstream.aiter_raw(),
-            status_code=upstream.status_code,
-            background=BackgroundTask(upstream.aclose),
-        )
+        response = StreamingResponse(_stream(upstream), status_code=upstream.status)
     # Raw pairs, not a mapping: repeated fields (Set-Cookie, Link) must all reach the client.
     response.raw_headers = [
-        (name, value)
-        for name, value in upstream.headers.raw
-        if name.lower().decode("latin-1") not in _DROP_RESPONSE
+        (name, value) for name, value in upstream.raw_headers if name.lower() not in _DROP_RESPONSE
     ]
     return response
 
 
-async def _read(upstream: httpx.Response, service: str) -> bytes:
+async def _stream(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    # Released however the relay ends: a connection left half read is closed, not pooled.
     try:
-        return b"".join([chunk async for chunk in upstream.aiter_raw()])
-    except httpx.TimeoutException:
-        raise ApiError(
-            504, "upstream_timeout", f"the {service} service did not answer in time"
-        ) from None
-    except httpx.TransportError:
-        raise ApiError(
-            503, "service_unavailable", f"the {service} service is unavailable"
-        ) from None
+        async for chunk in upstream.content.iter_any():
+            yield chunk
     finally:
-        await upstream.aclose()
+        upstream.release()
+
+
+async def _read(upstream: aiohttp.ClientResponse, service: str) -> bytes:
+    try:
+        return await upstream.read()
+    except aiohttp.ClientError as exc:
+        raise _error(exc, service) from None
+    finally:
+        upstream.release()
 
 
 def _no_cache(request: Request) -> bool:
@@ -236,7 +261,7 @@ async def forward(
     upstream = await _send(request, upstreams, service, caller)
     length = upstream.headers.get("content-length", "")
     cacheable = (
-        upstream.status_code == 200
+        upstream.status == 200
         and "content-encoding" not in upstream.headers
         and length.isdigit()
         and int(length) <= cache.max_body_bytes
@@ -246,7 +271,7 @@ async def forward(
     body = await _read(upstream, service)
     answer = cache.put(
         key,
-        status=upstream.status_code,
+        status=upstream.status,
         headers=_response_headers(upstream),
         body=body,
         expires=now + seconds,
