@@ -14,6 +14,7 @@ steadier figure of what an open costs. What PostgreSQL and the broker spent on t
 (they share the machine's cores with both sides) is reported too.
 
     .venv/bin/python bench/tracking_pixel.py [--seconds 8] [--rounds 3] [--connections 64]
+        [--env TRACKING_FLUSH_BATCH=5000 ...]
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-async def main(seconds: float, rounds: int, connections: int) -> None:
+async def main(seconds: float, rounds: int, connections: int, env: dict[str, str]) -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
     data_dir = Path(tempfile.mkdtemp(prefix="herald-bench-"))
@@ -195,7 +196,7 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
             sink_smtp_port=free_port(),
             sink_http_port=free_port(),
             durable=False,
-            env={"LOG_LEVEL": "WARNING"},
+            env={"LOG_LEVEL": "WARNING", **env},
         )
     )
     bare_port = free_port()
@@ -307,5 +308,13 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the services (e.g. TRACKING_FLUSH_BATCH=5000), repeatable",
+    )
     options = parser.parse_args()
-    asyncio.run(main(options.seconds, options.rounds, options.connections))
+    settings = dict(item.split("=", 1) for item in options.env)
+    asyncio.run(main(options.seconds, options.rounds, options.connections, settings))
