@@ -288,6 +288,7 @@ async def import_contacts(
 
     Rows that fail their checks are skipped and listed by row number; the rest are applied
     together at the end (the last row of an address wins; empty cells keep what a contact had).
+    Earlier rows of an address that comes again are counted and named as `duplicates`.
     """
     importer = _importer(request)
     settings = importer.settings
@@ -338,7 +339,7 @@ def _form_uuid(value: str | None, field: str) -> uuid.UUID | None:
 
 @router.get("/contacts/import/{job_id}", response_model=ImportJobOut, tags=["import and export"])
 async def import_status(job_id: uuid.UUID, pool: Pool, principal: Caller) -> ImportJobOut:
-    """An import's progress, counts and first errors by row."""
+    """An import's progress, counts, and first errors and duplicates by row."""
     async with pool.acquire() as conn:
         job = await store.get_job(conn, account_id=principal.account_id, job_id=job_id)
     if job is None:

@@ -5,7 +5,8 @@ written straight to disk, so memory stays flat whatever the size; the encoding a
 row are checked before the job is accepted, so those mistakes are answered at once with a 4xx.
 
 A job reads the file in chunks (in a thread, so the event loop keeps answering), checks each
-row, and COPYs the good ones into a temporary staging table; one upsert then applies them all,
+row, and COPYs the good ones into a temporary staging table; the rows whose address comes again
+later in the file are dropped there (and named in the job), then one statement applies the rest,
 with the list memberships and the job's final counts, in the same transaction. An import is
 therefore applied entirely or not at all: a job that fails, or whose service stops or dies
 part way, changes no contact and no list, and says so in its `failure_reason`.
@@ -70,6 +71,9 @@ DIED = (
     "the service running the import stopped or crashed part way; nothing was changed:"
     " upload the file again"
 )
+
+# An import that created or updated this many contacts refreshes the planner's statistics.
+ANALYZE_AFTER = 10_000
 
 # Rows are checked in Python, a cell at most a few MB; the csv module's default is 128 kB.
 csv.field_size_limit(MAX_FIELD)
@@ -483,8 +487,14 @@ class Importer:
                     started = time.perf_counter()
                     await self._stage(conn, reader, job)
                     staged = time.perf_counter()
+                    duplicate_count, duplicates = await store.drop_duplicates(
+                        conn, keep=self.settings.import_keep_errors
+                    )
                     created, updated = await store.apply_import(
-                        conn, account_id=job.account_id, list_id=job.list_id
+                        conn,
+                        account_id=job.account_id,
+                        list_id=job.list_id,
+                        staged=reader.rows_read - reader.error_count - duplicate_count,
                     )
                     applied = time.perf_counter()
                     await store.finish_job(
@@ -495,6 +505,8 @@ class Importer:
                         updated=updated,
                         error_count=reader.error_count,
                         errors=reader.errors,
+                        duplicate_count=duplicate_count,
+                        duplicates=duplicates,
                     )
         finally:
             reader.close()
@@ -510,6 +522,18 @@ class Importer:
         IMPORT_ROWS.labels("created").inc(created)
         IMPORT_ROWS.labels("updated").inc(updated)
         IMPORT_ROWS.labels("skipped").inc(reader.rows_read - created - updated)
+        if created + updated >= ANALYZE_AFTER:
+            await self._analyze(job)
+
+    async def _analyze(self, job: Job) -> None:
+        # `q` is answered by walking the account's contacts in id order or through the search
+        # indexes, as the statistics suggest; until autovacuum refreshes them (a minute or
+        # more) a large import leaves them wrong, and a wrong choice costs a second per page.
+        try:
+            async with self._pool.acquire() as conn:
+                await store.analyze_contacts(conn, memberships=job.list_id is not None)
+        except Exception as exc:  # the import is applied: nothing here may fail it
+            log.warning("could not analyze after an import", extra={"error": repr(exc)})
 
     async def _stage(self, conn: db.Conn, reader: RowReader, job: Job) -> None:
         """COPY the file's good rows into staging, reading the next chunk while one is sent."""

@@ -157,6 +157,11 @@ class ImportRowError(BaseModel):
     message: str
 
 
+class ImportDuplicateRow(BaseModel):
+    row: int = Field(description="A row whose address comes again later in the file.")
+    kept_row: int = Field(description="The last row with that address: the one applied.")
+
+
 class ImportJobOut(BaseModel):
     """An import's progress; `status` is final once `succeeded` or `failed`.
 
@@ -171,9 +176,16 @@ class ImportJobOut(BaseModel):
     rows_read: int
     created: int
     updated: int
-    skipped: int
+    skipped: int = Field(description="Rows not applied: those with errors and the duplicates.")
     error_count: int
     errors: list[ImportRowError]
+    duplicate_count: int = Field(
+        description="Rows whose address (compared case-insensitively) comes again later in the"
+        " file; the last row of an address is applied, whole, and these are not."
+    )
+    duplicates: list[ImportDuplicateRow] = Field(
+        description="The first duplicate rows, by row number (as many as `errors` may hold)."
+    )
     failure_reason: str | None
     created_at: datetime
     started_at: datetime | None
