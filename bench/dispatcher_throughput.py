@@ -14,7 +14,8 @@ Postfix's `smtp-sink` is installed with the `postfix` package (as root on Debian
 script installs it). The database is durable (fsync on) unless --fast-db is given.
 
     .venv/bin/python bench/dispatcher_throughput.py [--recipients 20000] [--connections 32]
-        [--dispatchers 1] [--fast-db] [--skip-full]
+        [--dispatchers 1] [--fast-db] [--skip-full] [--timeline]
+        [--fixed-poll]
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class Result:
     cpu_seconds: float
     # CPU seconds PostgreSQL and the broker spent meanwhile (the database's share of each message).
     infra_cpu_seconds: float = 0.0
+    timeline: Timeline | None = None
 
     @property
     def rate(self) -> float:
@@ -200,20 +202,56 @@ async def publish(stack: Stack, events: list[DispatchBatch]) -> None:
         await producer.stop()
 
 
-async def wait_sent(stack: Stack, email_id: uuid.UUID, count: int, timeout: float) -> None:
+# (seconds since the start, messages queued, messages sent) of one email, polled.
+Timeline = list[tuple[float, int, int]]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How a run is watched until every message is sent."""
+
+    timeline: bool = False  # keep what each poll saw
+    fixed_poll: bool = False  # poll every 50 ms, as this script did before
+
+
+async def wait_sent(
+    stack: Stack, email_id: uuid.UUID, count: int, timeout: float, watch: Watch = Watch()
+) -> Timeline | None:
+    """Wait until `count` messages of the email are sent; what the polls saw, if asked."""
+    timeline: Timeline | None = [] if watch.timeline else None
     conn = await asyncpg.connect(stack.database_url)
     try:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        before = (started, 0)
         while True:
-            sent = await conn.fetchval(
-                "SELECT count(*) FROM dispatcher.messages WHERE email_id = $1 AND state = 'sent'",
-                email_id,
-            )
+            if timeline is None:
+                sent = await conn.fetchval(
+                    "SELECT count(*) FROM dispatcher.messages"
+                    " WHERE email_id = $1 AND state = 'sent'",
+                    email_id,
+                )
+            else:
+                row = await conn.fetchrow(
+                    """SELECT count(*) AS queued, count(*) FILTER (WHERE state = 'sent') AS sent
+                       FROM dispatcher.messages WHERE email_id = $1""",
+                    email_id,
+                )
+                assert row is not None  # an aggregate always has its row
+                queued, sent = row["queued"], row["sent"]
+                timeline.append((time.monotonic() - started, queued, sent))
             if sent >= count:
-                return
-            if time.monotonic() > deadline:
+                return timeline
+            now = time.monotonic()
+            if now > deadline:
                 raise TimeoutError(f"only {sent} of {count} sent")
-            await asyncio.sleep(0.05)
+            # Each count reads every record of the email: milliseconds of the database's CPU,
+            # which the run being measured needs. Polled every 50 ms that was a tenth of a core;
+            # so poll at half the time left at the latest rate, every 50 ms only near the end.
+            progress, elapsed = sent - before[1], now - before[0]
+            left = (count - sent) * elapsed / progress if progress > 0 else float("inf")
+            before = (now, sent)
+            await asyncio.sleep(0.05 if watch.fixed_poll else min(max(left / 2, 0.05), 0.5))
     finally:
         await conn.close()
 
@@ -257,7 +295,7 @@ class InfraCpu:
         return sum(value - self._start.get(pid, 0.0) for pid, value in now.items())
 
 
-async def dispatcher_path(stack: Stack, count: int, dispatchers: int) -> Result:
+async def dispatcher_path(stack: Stack, count: int, dispatchers: int, watch: Watch) -> Result:
     extra = []
     for n in range(1, dispatchers):
         port = free_port()
@@ -278,18 +316,18 @@ async def dispatcher_path(stack: Stack, count: int, dispatchers: int) -> Result:
     # Warm up: consumer group joined, connections open, code paths taken once.
     warm = uuid.uuid4()
     await publish(stack, batches(warm, 1000, "warm"))
-    await wait_sent(stack, warm, 1000, 120)
+    await wait_sent(stack, warm, 1000, 120, watch)
 
     email_id = uuid.uuid4()
     events = batches(email_id, count, "bench")
     infra, cpu, started = InfraCpu(stack), cpu_of(processes), time.perf_counter()
     await publish(stack, events)
-    await wait_sent(stack, email_id, count, 600)
+    polled = await wait_sent(stack, email_id, count, 600, watch)
     seconds = time.perf_counter() - started
-    return Result(count, seconds, cpu_of(processes) - cpu, infra.seconds())
+    return Result(count, seconds, cpu_of(processes) - cpu, infra.seconds(), polled)
 
 
-async def full_path(stack: Stack, count: int) -> Result:
+async def full_path(stack: Stack, count: int, watch: Watch) -> Result:
     """POST /send of a composed email to a `count`-contact list, through the gateway."""
     import httpx
 
@@ -368,21 +406,45 @@ async def full_path(stack: Stack, count: int) -> Result:
             for name, service in stack.services.items()
             if service.process is not None
         }
-        before = {name: cpu_of([p]) for name, p in processes.items()}
+        infra, before = InfraCpu(stack), {name: cpu_of([p]) for name, p in processes.items()}
         started = time.perf_counter()
         (await api.post("/send", json={"email_id": str(email_id)})).raise_for_status()
-        await wait_sent(stack, email_id, count, 900)
+        polled = await wait_sent(stack, email_id, count, 900, watch)
     seconds = time.perf_counter() - started
     spent = {name: cpu_of([p]) - before[name] for name, p in processes.items()}
     print(
         "(c) CPU seconds by service: "
         + ", ".join(f"{name} {value:.1f}" for name, value in sorted(spent.items()))
+        + f"; PostgreSQL and broker {infra.seconds():.1f}"
     )
-    return Result(count, seconds, sum(v for k, v in spent.items() if k.startswith("dispatcher")))
+    dispatcher = sum(v for k, v in spent.items() if k.startswith("dispatcher"))
+    return Result(count, seconds, dispatcher, timeline=polled)
+
+
+def print_timeline(name: str, timeline: Timeline | None) -> None:
+    """Messages queued and sent as first polled in each second (where a run waits: fan-out or
+    sending)."""
+    if not timeline:
+        return
+    marks, second = [], 1.0
+    for at, queued, sent in timeline:
+        if at >= second:
+            marks.append(f"{at:.1f}s {queued}/{sent}")
+            second = float(int(at) + 1)
+    at, queued, sent = timeline[-1]
+    final = f"{at:.1f}s {queued}/{sent}"
+    if not marks or marks[-1] != final:
+        marks.append(final)
+    print(f"{name} queued/sent over time: " + ", ".join(marks))
 
 
 async def main(
-    recipients: int, connections: int, dispatchers: int, fast_db: bool, skip_full: bool
+    recipients: int,
+    connections: int,
+    dispatchers: int,
+    fast_db: bool,
+    skip_full: bool,
+    watch: Watch,
 ) -> None:
     binary = find_smtp_sink()
     sink_port = free_port()
@@ -409,11 +471,11 @@ async def main(
         await asyncio.gather(stack.create_topics(), stack.migrate())
         bare = await bare_loop(sink_port, connections, recipients)
         await stack.start_service("dispatcher")
-        ours = await dispatcher_path(stack, recipients, dispatchers)
+        ours = await dispatcher_path(stack, recipients, dispatchers, watch)
         full: Result | str = "skipped (--skip-full)"
         if not skip_full:
             try:
-                full = await full_path(stack, recipients)
+                full = await full_path(stack, recipients, watch)
             except Exception as exc:
                 full = f"not measured ({type(exc).__name__}: {exc})"
     finally:
@@ -436,6 +498,7 @@ async def main(
         f"connections -> smtp-sink, {recipients} recipients: {ours.rate:.0f} messages/s "
         f"({ours.seconds:.1f} s)"
     )
+    print_timeline("(b)", ours.timeline)
     print(f"ratio (b)/(a): {ours.rate / bare.rate:.2f}")
     per_message = ours.cpu_seconds / ours.messages
     infra_per_message = ours.infra_cpu_seconds / ours.messages
@@ -458,6 +521,7 @@ async def main(
             f"({full.seconds:.1f} s); ratio (c)/(a): {full.rate / bare.rate:.2f}; dispatcher CPU "
             f"{full.cpu_seconds / full.messages * 1e6:.0f} us per message"
         )
+        print_timeline("(c)", full.timeline)
     else:
         print(f"(c) the full path through the gateway: {full}")
 
@@ -469,6 +533,15 @@ if __name__ == "__main__":
     parser.add_argument("--dispatchers", type=int, default=1)
     parser.add_argument("--fast-db", action="store_true", help="PostgreSQL without fsync")
     parser.add_argument("--skip-full", action="store_true", help="measure (a) and (b) only")
+    parser.add_argument(
+        "--timeline", action="store_true", help="print messages queued and sent each second"
+    )
+    parser.add_argument(
+        "--fixed-poll",
+        action="store_true",
+        help="count sent messages every 50 ms, as before (the counts cost the database a tenth "
+        "of a core, which the measured runs lose)",
+    )
     options = parser.parse_args()
     asyncio.run(
         main(
@@ -477,5 +550,6 @@ if __name__ == "__main__":
             options.dispatchers,
             options.fast_db,
             options.skip_full,
+            Watch(timeline=options.timeline, fixed_poll=options.fixed_poll),
         )
     )

@@ -27,10 +27,12 @@ from dispatcher.config import Settings
 from dispatcher.delivery import Engine, Handover, HandoverJournal, owner_key
 from dispatcher.domain import ASSUMED_ACCEPTED
 from dispatcher.handlers import when_dispatch_batch_received
+from dispatcher.outcomes import outcome_events
 from herald import db as herald_db
-from herald import migrations
+from herald import logs, migrations, outbox
 from herald.devinfra.smtp_sink import SmtpSink
 from herald.devinfra.stack import Stack
+from herald.encoded_events import write_encoded
 from herald.events import Envelope, decode
 from herald.events.campaign import EmailContent
 from herald.events.dispatcher import MessageDispatched
@@ -571,6 +573,114 @@ async def test_an_end_still_in_our_buffer_is_not_marked_handed_over(harness: Har
         task.cancel()
         await journal.close()
     assert marked == {ids[0]: True, ids[1]: False, ids[2]: False}
+
+
+async def test_a_hand_over_lane_begins_the_next_transaction_and_ends_it_unused(
+    harness: Harness,
+):
+    """Each group's commit opens the next group's transaction; one no group takes is rolled
+    back within a second or so, rather than left open."""
+    email_id = await harness.queue(2)
+    owner = uuid.uuid4()
+    ids = await claim_as(harness, owner, 2, handed_over=0)
+    journal = HandoverJournal(harness.pool, owner, senders=4, lanes=1)
+    task = asyncio.ensure_future(journal.run())
+
+    async def look() -> tuple[set[uuid.UUID], int]:
+        async with harness.pool.acquire() as conn:
+            marked = await conn.fetch(
+                "SELECT id FROM messages WHERE email_id = $1 AND handed_over_at IS NOT NULL",
+                email_id,
+            )
+            open_transactions = await conn.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                   WHERE application_name = $1 AND state = 'idle in transaction'""",
+                harness.schema,
+            )
+        return {row["id"] for row in marked}, open_transactions
+
+    async def until(want: tuple[set[uuid.UUID], int], timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while (seen := await look()) != want:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.02)
+
+    try:
+        assert await journal.hand_over(ids[0], lambda: True) is Handover.DONE
+        await until(({ids[0]}, 1))
+        assert await journal.hand_over(ids[1], lambda: True) is Handover.DONE
+        await until(({ids[0], ids[1]}, 1))
+        started = time.monotonic()
+        await until(({ids[0], ids[1]}, 0))
+        assert time.monotonic() - started < 5
+    finally:
+        task.cancel()
+        await journal.close()
+
+
+async def test_a_hand_over_lane_whose_connection_died_takes_a_new_one(harness: Harness):
+    """A lane holding a begun transaction on a connection the server ended fails one group
+    (its senders retry) and carries on with a fresh connection."""
+    await harness.queue(2)
+    owner = uuid.uuid4()
+    ids = await claim_as(harness, owner, 2, handed_over=0)
+    journal = HandoverJournal(harness.pool, owner, senders=4, lanes=1)
+    task = asyncio.ensure_future(journal.run())
+    try:
+        assert await journal.hand_over(ids[0], lambda: True) is Handover.DONE
+        deadline = time.monotonic() + 10
+        async with harness.pool.acquire() as conn:
+            while not await conn.fetchval(
+                """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                   WHERE application_name = $1 AND state = 'idle in transaction'""",
+                harness.schema,
+            ):
+                assert time.monotonic() < deadline, "the lane began no transaction"
+                await asyncio.sleep(0.02)
+        # Bounded: a journal that died with the connection would leave its senders waiting.
+        with pytest.raises(Exception, match=r"connection|terminat"):
+            await asyncio.wait_for(journal.hand_over(ids[1], lambda: True), 10)
+        assert await asyncio.wait_for(journal.hand_over(ids[1], lambda: True), 10) is Handover.DONE
+        assert not task.done()
+    finally:
+        task.cancel()
+        await journal.close()
+
+
+async def test_outcomes_go_into_the_outbox_as_their_envelopes_would(harness: Harness):
+    """The relay reads encoded outcomes as it reads what `outbox.write_many` wrote."""
+    record: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "email_id": uuid.uuid4(),
+        "account_id": harness.account_id,
+        "recipient": harness.address("ü"),
+        "contact_id": None,
+        "state": "failed",
+        "attempts": 2,
+        "smtp_code": 550,
+        "smtp_reply": "5.1.1 no such user",
+    }
+    encoded = outcome_events([record], bounced={record["id"]})
+    envelopes = [decode(e.payload) for e in encoded]
+    token = logs.correlation_id.set("corr-outcomes")
+    try:
+        async with harness.pool.acquire() as conn, conn.transaction():
+            await write_encoded(conn, encoded)
+            await outbox.write_many(
+                conn, [Envelope.wrap(e.data, account_id=e.account_id) for e in envelopes]
+            )
+    finally:
+        logs.correlation_id.reset(token)
+    async with harness.pool.acquire() as conn:
+        rows = await outbox.pending(conn, limit=10)
+        ids = [r["event_id"] for r in await conn.fetch("SELECT event_id FROM outbox ORDER BY seq")]
+    ours, theirs = rows[:2], rows[2:]
+    assert ids[:2] == [e.id for e in envelopes]
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine["topic"] == reference["topic"]
+        assert mine["key"] == reference["key"]
+        assert mine["headers"] == reference["headers"]
+        assert decode(mine["payload"]).data == decode(reference["payload"]).data
 
 
 async def test_a_large_message_is_delivered_whole(harness: Harness):

@@ -176,6 +176,23 @@ def clean_reply(text: str) -> str:
     return " ".join(text.split())[:MAX_REPLY_LENGTH]
 
 
+# How the reply of a message whose retries ran out starts (`store.requeue_given_up` finds
+# them by it, in SQL).
+GAVE_UP = "gave up after "
+
+
+def gave_up_reply(attempts: int, last_reply: str) -> str:
+    """The reply recorded when deferrals reach the retry horizon."""
+    return clean_reply(f"{GAVE_UP}{attempts} attempts; last: {last_reply}")
+
+
+def retryable(status: str, reply: str | None) -> bool:
+    """Whether a failure may be cured by trying again later: its retries ran out on temporary
+    trouble (4xx, timeouts, lost connections), as opposed to a refusal for good (5xx) or a
+    message that cannot be built or addressed."""
+    return status == "failed" and reply is not None and reply.startswith(GAVE_UP)
+
+
 class Pacer:
     """Spaces events `1/rate` seconds apart, letting `burst` of them through at once (GCRA).
 

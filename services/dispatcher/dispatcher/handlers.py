@@ -15,9 +15,9 @@ from dispatcher import store
 from dispatcher.domain import InvalidAddress, mailbox
 from dispatcher.metrics import RECIPIENTS_QUEUED
 from dispatcher.outcomes import outcome_events
-from herald import outbox
 from herald.consumer import Handlers
 from herald.db import Conn
+from herald.encoded_events import write_encoded
 from herald.events import Envelope
 from herald.events.campaign import EmailRetryRequested
 from herald.events.scheduler import DispatchBatch
@@ -71,7 +71,7 @@ async def when_dispatch_batch_received(envelope: Envelope[DispatchBatch], conn: 
             contact_ids=[b[1] for b in bad],
             reasons=[b[2] for b in bad],
         )
-        await outbox.write_many(conn, outcome_events(failed))
+        await write_encoded(conn, outcome_events(failed))
     RECIPIENTS_QUEUED.inc(queued)
 
 
@@ -79,9 +79,12 @@ async def when_retry_requested_requeue_failed(
     envelope: Envelope[EmailRetryRequested], conn: Conn
 ) -> None:
     """Queue the email's messages that failed for want of more retries once more (unless
-    suppressed since); publish the outcome of the others that failed (refused for good,
-    unsendable, suppressed) again, so that the campaign service, which forgot every failure of
-    the email, counts them. Sent ones are not touched."""
+    suppressed since): the campaign service forgot exactly those failures (`retryable` on
+    their outcome) and waits for `failed` new outcomes. The outcomes of the others that failed
+    (refused for good, unsendable, suppressed) are published again: the campaign service
+    counts a recipient's outcome once, so they change nothing there, and a campaign service
+    from before `retryable`, which forgot every failure, counts them again. Sent ones are not
+    touched."""
     email_id, account_id = envelope.data.email_id, envelope.account_id
     if account_id is None:
         raise ValueError("an EmailRetryRequested must carry the account_id of its email")
@@ -89,8 +92,8 @@ async def when_retry_requested_requeue_failed(
         conn, email_id=email_id, account_id=account_id, besides=envelope.data.suppressed
     )
     kept = await store.failed_messages(conn, email_id=email_id, account_id=account_id)
-    await outbox.write_many(conn, outcome_events(kept))
-    if requeued + len(kept) != envelope.data.failed:
+    await write_encoded(conn, outcome_events(kept))
+    if envelope.data.failed not in (requeued, requeued + len(kept)):
         # The campaign service waits for `failed` outcomes: a mismatch leaves it waiting.
         log.warning(
             "retry of an email's failed recipients found a different number of them",

@@ -204,12 +204,28 @@ async def contents(conn: Conn, *, keys: Sequence[tuple[uuid.UUID, int]]) -> list
     )
 
 
+async def begin(conn: Conn) -> None:
+    """Open a transaction on a connection that manages its own (see `commit_and_begin`)."""
+    await conn.execute("BEGIN")
+
+
+async def commit_and_begin(conn: Conn) -> None:
+    """Commit the transaction under way and open the next one, in one round trip."""
+    await conn.execute("COMMIT; BEGIN")
+
+
+async def rollback(conn: Conn) -> None:
+    """Roll back the transaction under way."""
+    await conn.execute("ROLLBACK")
+
+
 async def mark_handed_over(
     conn: Conn, *, owner: uuid.UUID, ids: Sequence[uuid.UUID]
 ) -> list[uuid.UUID]:
     """Note that these messages' ends go to the relay now; returns those still ours to send."""
+    # The statement's time: the transaction may have begun a while before (`commit_and_begin`).
     rows = await conn.fetch(
-        """UPDATE messages SET handed_over_at = now()
+        """UPDATE messages SET handed_over_at = statement_timestamp()
            WHERE id = ANY($2::uuid[]) AND claimed_by = $1 AND state = 'sending'
            RETURNING id""",
         owner,

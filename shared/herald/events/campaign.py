@@ -74,8 +74,8 @@ class EmailCancelled(EventData):
 class EmailRetryRequested(EventData):
     """Try `email_id`'s failed recipients again: those refused for good (5xx), unsendable, or
     `suppressed` since (lower-cased addresses) keep their failure and have it published again;
-    the others are queued once more. `failed`: how many outcomes the campaign service waits
-    for again."""
+    the others (`retryable` failures) are queued once more. `failed`: how many outcomes the
+    campaign service forgot and waits for again."""
 
     TYPE: ClassVar[str] = "email.retry_requested"
     TOPIC: ClassVar[str] = "email.retries"

@@ -23,6 +23,9 @@ class MessageDispatched(EventData):
     attempt: int
     smtp_code: int | None = None
     smtp_reply: str | None = None
+    # A failure a later try may cure: retries ran out on temporary trouble (4xx replies,
+    # timeouts, lost connections), unlike a refusal for good (5xx) or an unsendable message.
+    retryable: bool = False
 
     def partition_key(self) -> str:
         return str(self.email_id)
