@@ -94,13 +94,16 @@ async def state(pool: asyncpg.Pool, email_id: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def outcome(email_id: uuid.UUID, recipient: str, status: str, attempt: int = 1):
+def outcome(
+    email_id: uuid.UUID, recipient: str, status: str, attempt: int = 1, *, retryable: bool = False
+):
     return MessageDispatched(
         email_id=email_id,
         message_id=f"<{uuid.uuid4()}@h>",
         recipient=recipient,
         status=status,
         attempt=attempt,
+        retryable=retryable,
     )
 
 
@@ -237,11 +240,13 @@ async def test_a_batch_counts_a_retried_failure_again_once_forgotten(pool: async
     await feed(pool, EmailFannedOut(email_id=email_id, revision=1, total_recipients=2, batches=1))
     await feed_as_one_batch(
         pool,
-        outcome(email_id, "a@example.com", "failed"),
-        outcome(email_id, "b@example.com", "failed"),
+        outcome(email_id, "a@example.com", "failed", retryable=True),
+        outcome(email_id, "b@example.com", "failed", retryable=True),
     )
     assert (await state(pool, email_id))["status"] == "failed"
     async with pool.acquire() as conn, conn.transaction():
+        retryable = await store.retryable_failures(conn, email_id=email_id)
+        assert sorted(retryable) == ["a@example.com", "b@example.com"]
         assert (await store.forget_failed(conn, email_id=email_id))["forgotten"] == 2
     await feed_as_one_batch(
         pool,
@@ -275,3 +280,30 @@ async def test_a_batch_of_deferrals_marks_the_email_sending(pool: asyncpg.Pool):
     )
     assert (await state(pool, email_id))["status"] == "sending"
     assert await outcomes_of(pool, email_id) == []
+
+
+async def test_only_failures_a_retry_may_cure_are_forgotten(pool: asyncpg.Pool):
+    email_id = await queued_email(pool)
+    await feed(pool, EmailFannedOut(email_id=email_id, revision=1, total_recipients=4, batches=1))
+    await feed_as_one_batch(
+        pool,
+        outcome(email_id, "sent@example.com", "sent"),
+        outcome(email_id, "refused@example.com", "failed"),  # 5xx: refused for good
+        outcome(email_id, "late@example.com", "failed", retryable=True),
+        outcome(email_id, "gone@example.com", "failed", retryable=True),
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        retryable = await store.retryable_failures(conn, email_id=email_id)
+        assert sorted(retryable) == ["gone@example.com", "late@example.com"]
+        # gone@ unsubscribed since: it keeps its failure.
+        row = await store.forget_failed(conn, email_id=email_id, besides=["gone@example.com"])
+        assert (row["forgotten"], row["failed_count"], row["status"]) == (1, 2, "sending")
+        assert await store.retryable_failures(conn, email_id=email_id) == ["gone@example.com"]
+    await feed(pool, outcome(email_id, "late@example.com", "sent", 2))
+    assert await state(pool, email_id) == {
+        "status": "sent",
+        "recipients": 4,
+        "sent_count": 2,
+        "failed_count": 2,
+        "failure_reason": None,
+    }

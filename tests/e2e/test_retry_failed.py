@@ -141,7 +141,8 @@ async def test_retry_failed_sends_once_to_those_that_may_now_succeed(
     assert sorted(a.status_code for a in answers) == [202, 409], [a.text for a in answers]
     [accepted] = [a.json() for a in answers if a.status_code == 202]
     assert accepted["status"] == "sending"
-    assert accepted["counts"] == {"queued": 6, "sent": 3, "failed": 0}
+    # The refused and the unsubscribed keep their failure; the deferred one is counted anew.
+    assert accepted["counts"] == {"queued": 6, "sent": 3, "failed": 2}
     assert accepted["completed_at"] is None
 
     second = await finished(gateway, account, email_id, sent=4)
@@ -165,7 +166,7 @@ async def test_retry_failed_sends_once_to_those_that_may_now_succeed(
 
 
 async def test_retry_failed_refuses_what_it_cannot_retry(
-    gateway: httpx.AsyncClient, sent_requests: Requests
+    gateway: httpx.AsyncClient, sink: httpx.AsyncClient, sent_requests: Requests
 ):
     account = await new_account(gateway, sent_requests)
     bad = await gateway.post("/emails/not-an-id/retry-failed", headers=account.headers)
@@ -198,4 +199,24 @@ async def test_retry_failed_refuses_what_it_cannot_retry(
     )
     assert nothing.status_code == 409, nothing.text
     assert nothing.json()["error"]["code"] == "conflict"
+
+    # Every failure is for good (550): nothing a retry may cure, so nothing is started.
+    refused_address = f"refused{tag}@example.com"
+    rules = [{"match": refused_address, "action": "reject"}]
+    (await sink.put("/api/behaviour", json={"rules": rules})).raise_for_status()
+    bounced = await gateway.post(
+        "/send",
+        json={"to": [refused_address], "subject": "Refused", "text": "Never."},
+        headers=account.headers,
+    )
+    assert bounced.status_code == 202, bounced.text
+    failed = await finished(gateway, account, bounced.json()["id"], sent=0)
+    assert (failed["status"], failed["counts"]["failed"]) == ("failed", 1)
+    permanent = await gateway.post(
+        f"/emails/{bounced.json()['id']}/retry-failed", headers=account.headers
+    )
+    assert permanent.status_code == 409, permanent.text
+    assert "a retry may cure" in permanent.json()["error"]["message"]
+    after = await email(gateway, account, bounced.json()["id"])
+    assert (after["status"], after["counts"]["failed"]) == ("failed", 1)
     assert "nothing to retry" in nothing.json()["error"]["message"]

@@ -178,9 +178,9 @@ async def retry_failed(
     """Send a finished email again to the recipients that failed because of a temporary
     problem (deferred past the retry horizon, unreachable relay); those refused for good (5xx,
     hard bounces), unsendable or suppressed since keep their failure. Nobody already sent gets a
-    second copy. The email is `sending` again, its `failed` count starting over, until every failed
-    recipient has an outcome again. 409 while it is under way, when nobody failed, or more than
-    7 days after it went out."""
+    second copy. The email is `sending` again, its `failed` count less those retried, until each
+    of them has an outcome again. 409 while it is under way, when no failure is one a retry may
+    cure, or more than 7 days after it went out."""
     row = await emails.retry_failed(
         _campaign(request), account_id=principal.account_id, email_id=email_id
     )

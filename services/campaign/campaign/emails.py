@@ -517,7 +517,8 @@ def _check_retry(email: asyncpg.Record) -> None:
 async def retry_failed(
     app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID
 ) -> asyncpg.Record:
-    """Ask the dispatcher to try a finished email's failed recipients again (409 if none)."""
+    """Ask the dispatcher to try again a finished email's recipients whose failure a retry
+    may cure (409 if there are none)."""
     email = await get(app, account_id=account_id, email_id=email_id)
     _check_retry(email)
     suppressed: set[str] = set()
@@ -525,7 +526,7 @@ async def retry_failed(
         # Someone may have unsubscribed (or bounced elsewhere) since: as at the first send,
         # the suppression list decides, so they keep their failure.
         async with app.pool.acquire() as conn:
-            failed = await store.failed_recipients(conn, email_id=email_id)
+            failed = await store.retryable_failures(conn, email_id=email_id)
         try:
             suppressed = await app.contacts.suppressed(account_id=account_id, emails=failed)
         except Unavailable as exc:
@@ -535,9 +536,12 @@ async def retry_failed(
         if locked is None:
             raise not_found("email")
         _check_retry(locked)
-        row = await store.forget_failed(conn, email_id=email_id)
+        row = await store.forget_failed(conn, email_id=email_id, besides=sorted(suppressed))
         if row["forgotten"] == 0:
-            raise domain.conflict("no recipient of this email failed: there is nothing to retry")
+            raise domain.conflict(
+                "no recipient of this email failed for a reason a retry may cure (refused for "
+                "good, unsendable or suppressed since): there is nothing to retry"
+            )
         retry = EmailRetryRequested(
             email_id=email_id, failed=row["forgotten"], suppressed=sorted(suppressed)
         )

@@ -83,7 +83,11 @@ async def when_message_dispatched_count_outcome(envelope: Envelope[Any], conn: C
         await store.mark_sending(conn, email_id=data.email_id)
         return
     state = await store.record_outcome(
-        conn, email_id=data.email_id, recipient=data.recipient, status=data.status
+        conn,
+        email_id=data.email_id,
+        recipient=data.recipient,
+        status=data.status,
+        retryable=data.retryable,
     )
     if state is not None:
         RECIPIENT_OUTCOMES.labels(data.status).inc()
@@ -96,13 +100,13 @@ async def when_messages_dispatched_count_outcomes(
     """`when_message_dispatched_count_outcome` of each event in turn, in two or three statements."""
     deferred: dict[uuid.UUID, None] = {}
     # The first final outcome of a recipient counts, as it would one event at a time.
-    final: dict[tuple[uuid.UUID, str], str] = {}
+    final: dict[tuple[uuid.UUID, str], tuple[str, bool]] = {}
     for envelope in envelopes:
         data: MessageDispatched = envelope.data
         if data.status == "deferred":
             deferred[data.email_id] = None
         else:
-            final.setdefault((data.email_id, data.recipient.lower()), data.status)
+            final.setdefault((data.email_id, data.recipient.lower()), (data.status, data.retryable))
     if deferred:
         await store.mark_sending_many(conn, email_ids=list(deferred))
     if not final:
@@ -111,7 +115,8 @@ async def when_messages_dispatched_count_outcomes(
         conn,
         email_ids=[email_id for email_id, _ in final],
         recipients=[recipient for _, recipient in final],
-        statuses=list(final.values()),
+        statuses=[status for status, _ in final.values()],
+        retryable=[retryable for _, retryable in final.values()],
     )
     for state in states:
         RECIPIENT_OUTCOMES.labels("sent").inc(state["newly_sent"])

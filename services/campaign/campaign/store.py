@@ -376,18 +376,19 @@ async def record_fanout(
 
 
 async def record_outcome(
-    conn: Conn, *, email_id: uuid.UUID, recipient: str, status: str
+    conn: Conn, *, email_id: uuid.UUID, recipient: str, status: str, retryable: bool = False
 ) -> asyncpg.Record | None:
     """Count a recipient's final outcome once; the email's status and counts, None if repeated
     (or the email is not ours)."""
     inserted = await conn.fetchval(
-        """INSERT INTO outcomes (email_id, recipient, status)
-           SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM emails WHERE id = $1)
+        """INSERT INTO outcomes (email_id, recipient, status, retryable)
+           SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM emails WHERE id = $1)
            ON CONFLICT (email_id, recipient) DO NOTHING
            RETURNING true""",
         email_id,
         recipient.lower(),
         status,
+        retryable,
     )
     if not inserted:
         return None
@@ -411,17 +412,18 @@ async def record_outcomes(
     email_ids: Sequence[uuid.UUID],
     recipients: Sequence[str],
     statuses: Sequence[str],
+    retryable: Sequence[bool],
 ) -> list[asyncpg.Record]:
-    """`record_outcome` of each (email, recipient, status), the pairs distinct and the recipients
-    lower-cased: per email that counted any, its status and counts after them, with `newly_sent`
-    and `newly_failed`."""
+    """`record_outcome` of each (email, recipient, status, retryable), the pairs distinct and
+    the recipients lower-cased: per email that counted any, its status and counts after them,
+    with `newly_sent` and `newly_failed`."""
     return list(
         await conn.fetch(
             """WITH inserted AS (
-                   INSERT INTO outcomes (email_id, recipient, status)
-                   SELECT o.email_id, o.recipient, o.status
-                     FROM unnest($1::uuid[], $2::text[], $3::text[])
-                          AS o(email_id, recipient, status)
+                   INSERT INTO outcomes (email_id, recipient, status, retryable)
+                   SELECT o.email_id, o.recipient, o.status, o.retryable
+                     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[])
+                          AS o(email_id, recipient, status, retryable)
                     WHERE EXISTS (SELECT 1 FROM emails WHERE id = o.email_id)
                    ON CONFLICT (email_id, recipient) DO NOTHING
                    RETURNING email_id, status),
@@ -444,6 +446,7 @@ async def record_outcomes(
             email_ids,
             recipients,
             statuses,
+            retryable,
         )
     )
 
@@ -458,26 +461,35 @@ async def finish(conn: Conn, *, email_id: uuid.UUID, status: str) -> None:
     )
 
 
-async def failed_recipients(conn: Conn, *, email_id: uuid.UUID) -> list[str]:
-    """The (lower-cased) recipients of the email whose outcome is a failure."""
+async def retryable_failures(conn: Conn, *, email_id: uuid.UUID) -> list[str]:
+    """The (lower-cased) recipients of the email whose failure a retry may cure."""
     rows = await conn.fetch(
-        "SELECT recipient FROM outcomes WHERE email_id = $1 AND status = 'failed'", email_id
+        """SELECT recipient FROM outcomes
+            WHERE email_id = $1 AND status = 'failed' AND retryable IS NOT FALSE""",
+        email_id,
     )
     return [row["recipient"] for row in rows]
 
 
-async def forget_failed(conn: Conn, *, email_id: uuid.UUID) -> asyncpg.Record:
-    """Drop the email's failed outcomes so they are counted again when retried; the email, back
-    to `sending`, with `forgotten` (how many were dropped)."""
+async def forget_failed(
+    conn: Conn, *, email_id: uuid.UUID, besides: Sequence[str] = ()
+) -> asyncpg.Record:
+    """Drop the email's retryable failed outcomes but those of the lower-cased `besides`, so
+    they are counted again when retried; the email, back to `sending`, with `forgotten` (how
+    many were dropped)."""
     row = await conn.fetchrow(
         f"""WITH forgotten AS (
-                DELETE FROM outcomes WHERE email_id = $1 AND status = 'failed' RETURNING 1)
+                DELETE FROM outcomes
+                 WHERE email_id = $1 AND status = 'failed' AND retryable IS NOT FALSE
+                   AND recipient <> ALL($2::text[])
+             RETURNING 1)
             UPDATE emails
                SET failed_count = failed_count - (SELECT count(*) FROM forgotten),
                    status = 'sending', completed_at = NULL, updated_at = now()
              WHERE id = $1
          RETURNING {_EMAIL_COLUMNS}, (SELECT count(*) FROM forgotten)::int AS forgotten""",
         email_id,
+        list(besides),
     )
     assert row is not None
     return row
