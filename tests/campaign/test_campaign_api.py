@@ -254,7 +254,8 @@ async def test_preview_renders_like_the_dispatcher_will(account: Account):
     preview = response.json()
     assert preview["subject"] == "Hi there C-42"
     assert preview["to"] == "reader@example.com"
-    assert "/unsubscribe/" in preview["html"]
+    # A stand-in, not a working link: clicking it in a preview must not unsubscribe anyone.
+    assert '/unsubscribe/preview">u</a>' in preview["html"]
     assert "&lt;b&gt;" in preview["html"]
     assert preview["text"].startswith("C-42 u (http")
     # Without a body too.

@@ -22,7 +22,6 @@ from herald import migrations
 from herald.devinfra.stack import Stack
 from herald.errors import ApiError
 from herald.events.auth import UserChanged
-from herald.links import LinkSigner
 
 ACCOUNT = uuid.uuid4()
 ADDRESS = "new@example.com"
@@ -115,7 +114,6 @@ async def harness(infra: Stack, scratch_schema: str) -> AsyncIterator[Harness]:
         contacts=ContactsClient(http, base_url="http://contacts", headers=headers),
         auth=AuthClient(http, base_url="http://auth", headers=headers, cache_seconds=0),
         settings=settings,
-        links=LinkSigner.from_spec(settings.link_signing_keys.get_secret_value()),
     )
     try:
         yield Harness(app, auth)

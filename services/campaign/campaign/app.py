@@ -15,7 +15,6 @@ from campaign.emails import Campaign
 from campaign.handlers import HANDLERS, REQUEST_HANDLERS
 from campaign.operators import status_gauge
 from campaign.requests import RequestsConsumer
-from herald.links import LinkSigner
 from herald.security import internal_headers
 from herald.service import Runtime, Worker, create_service_app
 
@@ -37,7 +36,6 @@ def _campaign(settings: Settings) -> Worker:
                 contacts=ContactsClient(http, base_url=settings.contacts_url, headers=headers),
                 auth=auth,
                 settings=settings,
-                links=LinkSigner.from_spec(settings.link_signing_keys.get_secret_value()),
             )
             producer = runtime.producer
             assert producer is not None

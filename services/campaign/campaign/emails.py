@@ -33,7 +33,6 @@ from herald.events.campaign import (
     EmailScheduled,
 )
 from herald.events.requests import SendRequested
-from herald.links import LinkSigner, UnsubscribeToken
 from herald.templates import TemplateProblem, compile_email, render_context
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ class Campaign:
     contacts: ContactsClient
     auth: AuthClient
     settings: Settings
-    links: LinkSigner
 
 
 def policy(settings: Settings) -> domain.SenderPolicy:
@@ -549,14 +547,6 @@ async def retry_failed(
         return row
 
 
-def unsubscribe_url(
-    settings: Settings, links: LinkSigner, *, account_id: uuid.UUID, email: str, email_id: uuid.UUID
-) -> str:
-    """The signed one-click unsubscribe link of a recipient (as the dispatcher makes it)."""
-    token = links.sign("unsubscribe", UnsubscribeToken(a=account_id, r=email, e=email_id))
-    return f"{settings.public_base_url.rstrip('/')}/unsubscribe/{token}"
-
-
 async def preview(
     app: Campaign, *, account_id: uuid.UUID, email_id: uuid.UUID, contact_id: uuid.UUID | None
 ) -> Preview:
@@ -590,9 +580,9 @@ async def preview(
         first_name=first,
         last_name=last,
         attributes=attributes,
-        unsubscribe_url=unsubscribe_url(
-            app.settings, app.links, account_id=account_id, email=address, email_id=email_id
-        ),
+        # Not the contact's real signed link: whoever clicks it in a preview would unsubscribe
+        # them. This one leads to the unsubscribe page's "not a valid link".
+        unsubscribe_url=f"{app.settings.public_base_url.rstrip('/')}/unsubscribe/preview",
         template_vars=email["template_vars"],
     )
     try:
