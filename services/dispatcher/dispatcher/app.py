@@ -1,7 +1,6 @@
 """Builds the dispatcher service's app: its routes, event handlers and the delivery engine."""
 
 import contextlib
-import gc
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -38,17 +37,10 @@ def _delivery(settings: Settings) -> Worker:
         runtime.checks["delivery"] = engine_running
         runtime.stats["delivery"] = unfinished
         runtime.stats["messages"] = messages
-        # What start-up built (modules, the app, models, clients) lives as long as the process:
-        # leave it out of the garbage collector's full passes. Messages in flight and outcomes
-        # waiting to be recorded outlive the young generations, so full passes come every few
-        # seconds of sending, and each walked all of it again.
-        gc.freeze()
         try:
             yield
         finally:
             await engine.stop()
-            # Collectable again (tests build many apps in one process).
-            gc.unfreeze()
 
     return worker
 

@@ -77,16 +77,12 @@ def _hot_path(settings: Settings, rules: flows.Rules) -> Worker:
         runtime.checks["activity_flusher"] = alive
         runtime.stats["tracking"] = backlog
         runtime.stats["events_per_minute"] = events_per_minute
-        # What start-up built (modules, the app, models, clients) lives as long as the process:
-        # leave it out of the garbage collector's full passes, which every few thousand
-        # buffered opens would otherwise walk through all of it again.
-        gc.freeze()
         # Each answered open leaves a few objects alive until its batch is written (the event,
         # its ids), and the collector counts objects alive, not made: at the default first
         # threshold (700) it passed over the young ones every hundred or so opens, about 6% of
         # the service's CPU under load (perf), 0.2% at 25,000. Garbage is almost all freed by
         # reference counting; only cycles wait longer, and a pass over 25,000 young objects
-        # takes about a millisecond.
+        # takes about a millisecond. (What start-up built is frozen by `herald.service`.)
         thresholds = gc.get_threshold()
         gc.set_threshold(_GC_YOUNG, *thresholds[1:])
         try:
@@ -98,9 +94,8 @@ def _hot_path(settings: Settings, rules: flows.Rules) -> Worker:
             # Graceful shutdown: everything answered is written before the pool closes.
             await flusher.drain(grace=10)
             BUFFERED.set(len(buffer))
-            # Collectable again, as often as before (tests build many apps in one process).
+            # As often as before (tests build many apps in one process).
             gc.set_threshold(*thresholds)
-            gc.unfreeze()
 
     return worker
 
