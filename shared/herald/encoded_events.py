@@ -5,22 +5,19 @@ thousand (the dispatcher: an outcome for every message it sends).
 event. `EnvelopeEncoder.encode` writes the same JSON from a plain dict with orjson in a few µs.
 It checks that the dict has exactly the fields of the event's model, but not their values: the
 caller gives JSON types (ids as strings), and its tests read what it wrote back with
-`herald.events.decode`. `write_encoded` records such events in the outbox as
-`outbox.write_many` records envelopes (same columns, same correlation header).
+`herald.events.decode`. `outbox.write_many` records such events as it records envelopes.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from herald import logs
-from herald.db import Conn
 from herald.events import EventData
 
 
@@ -73,21 +70,3 @@ class EnvelopeEncoder:
         return EncodedEvent(
             event_id, self._topic, key.encode() if key is not None else None, payload
         )
-
-
-async def write_encoded(conn: Conn, events: Sequence[EncodedEvent]) -> None:
-    """Record encoded events for publication; call inside the transaction of the state change."""
-    if not events:
-        return
-    cid = logs.correlation_id.get()
-    await conn.execute(
-        """INSERT INTO outbox (event_id, topic, key, payload, headers)
-           SELECT e, t, k, p, $5::text::jsonb
-           FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[]) AS batch(e, t, k, p)""",
-        [e.id for e in events],
-        [e.topic for e in events],
-        [e.key for e in events],
-        [e.payload for e in events],
-        # As text, cast by the database: the pool's jsonb codec would encode a string as one.
-        orjson.dumps([["correlation_id", cid]] if cid else []).decode(),
-    )

@@ -39,6 +39,7 @@ from aiokafka.structs import RecordMetadata
 
 from herald import db, logs
 from herald.db import Conn
+from herald.encoded_events import EncodedEvent
 from herald.events import Envelope
 from herald.kafka import end_offsets
 from herald.metrics import EVENTS_PUBLISHED, OUTBOX_BACKLOG, OUTBOX_REPUBLISHED
@@ -49,17 +50,21 @@ log = logging.getLogger(__name__)
 DEFAULT_RETENTION_HOURS = 72
 
 
-def _row(envelope: Envelope[Any]) -> tuple[Any, ...]:
-    key = envelope.data.partition_key()
-    cid = envelope.correlation_id or logs.correlation_id.get()
-    headers = [["correlation_id", cid]] if cid else []
+def _headers(cid: str | None) -> str:
+    # As JSON text: asyncpg would read a list of lists as a two-dimensional array.
+    return orjson.dumps([["correlation_id", cid]] if cid else []).decode()
+
+
+def _row(event: Envelope[Any] | EncodedEvent, context_headers: str) -> tuple[Any, ...]:
+    if isinstance(event, EncodedEvent):
+        return (event.id, event.topic, event.key, event.payload, context_headers)
+    key = event.data.partition_key()
     return (
-        envelope.id,
-        envelope.topic,
+        event.id,
+        event.topic,
         key.encode() if key is not None else None,
-        envelope.to_bytes(),
-        # As JSON text: asyncpg would read a list of lists as a two-dimensional array.
-        orjson.dumps(headers).decode(),
+        event.to_bytes(),
+        _headers(event.correlation_id) if event.correlation_id else context_headers,
     )
 
 
@@ -68,9 +73,11 @@ async def write(conn: Conn, envelope: Envelope[Any]) -> None:
     await write_many(conn, [envelope])
 
 
-async def write_many(conn: Conn, envelopes: Iterable[Envelope[Any]]) -> None:
-    """Record several events in one statement (fan-outs write thousands)."""
-    rows = [_row(e) for e in envelopes]
+async def write_many(conn: Conn, events: Iterable[Envelope[Any] | EncodedEvent]) -> None:
+    """Record several events in one statement (fan-outs write thousands), as envelopes or
+    already encoded (`herald.encoded_events`, for producers that write them by the thousand)."""
+    context_headers = _headers(logs.correlation_id.get())  # of the events that carry none
+    rows = [_row(e, context_headers) for e in events]
     if not rows:
         return
     await conn.execute(

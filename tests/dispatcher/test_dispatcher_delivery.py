@@ -32,7 +32,6 @@ from herald import db as herald_db
 from herald import logs, migrations, outbox
 from herald.devinfra.smtp_sink import SmtpSink
 from herald.devinfra.stack import Stack
-from herald.encoded_events import write_encoded
 from herald.events import Envelope, decode
 from herald.events.campaign import EmailContent
 from herald.events.dispatcher import MessageDispatched
@@ -665,7 +664,7 @@ async def test_outcomes_go_into_the_outbox_as_their_envelopes_would(harness: Har
     token = logs.correlation_id.set("corr-outcomes")
     try:
         async with harness.pool.acquire() as conn, conn.transaction():
-            await write_encoded(conn, encoded)
+            await outbox.write_many(conn, encoded)
             await outbox.write_many(
                 conn, [Envelope.wrap(e.data, account_id=e.account_id) for e in envelopes]
             )

@@ -107,8 +107,7 @@ from dispatcher.metrics import (
 from dispatcher.outcomes import outcome_events
 from dispatcher.relay import Relay, RelayConnection, RelayLost, Reply, Unsupported, stuff
 from dispatcher.tokens import TokenMint
-from herald import db, inbox
-from herald.encoded_events import write_encoded
+from herald import db, inbox, outbox
 from herald.events.campaign import EmailContent
 
 log = logging.getLogger(__name__)
@@ -464,7 +463,7 @@ class OutcomeJournal:
                     next_attempts=[a.next_attempt_at for a in group],
                 )
                 bounced = {a.message_id for a in group if a.bounce}
-                await write_encoded(conn, outcome_events(rows, bounced=bounced))
+                await outbox.write_many(conn, outcome_events(rows, bounced=bounced))
         except Exception:
             await self.connection.give_back()
             raise
@@ -954,7 +953,7 @@ class Engine:
                 return
             settled = await store.settle_orphans(conn, owner=owner, reply=ASSUMED_ACCEPTED, ids=ids)
             requeued = await store.requeue_orphans(conn, owner=owner, ids=ids)
-            await write_encoded(conn, outcome_events(settled))
+            await outbox.write_many(conn, outcome_events(settled))
         RECOVERED.labels("sent").inc(len(settled))
         RECOVERED.labels("requeued").inc(requeued)
         MESSAGES.labels("sent").inc(len(settled))

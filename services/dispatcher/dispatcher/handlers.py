@@ -15,9 +15,9 @@ from dispatcher import store
 from dispatcher.domain import InvalidAddress, mailbox
 from dispatcher.metrics import RECIPIENTS_QUEUED
 from dispatcher.outcomes import outcome_events
+from herald import outbox
 from herald.consumer import Handlers
 from herald.db import Conn
-from herald.encoded_events import write_encoded
 from herald.events import Envelope
 from herald.events.campaign import EmailRetryRequested
 from herald.events.scheduler import DispatchBatch
@@ -71,7 +71,7 @@ async def when_dispatch_batch_received(envelope: Envelope[DispatchBatch], conn: 
             contact_ids=[b[1] for b in bad],
             reasons=[b[2] for b in bad],
         )
-        await write_encoded(conn, outcome_events(failed))
+        await outbox.write_many(conn, outcome_events(failed))
     RECIPIENTS_QUEUED.inc(queued)
 
 
@@ -92,7 +92,7 @@ async def when_retry_requested_requeue_failed(
         conn, email_id=email_id, account_id=account_id, besides=envelope.data.suppressed
     )
     kept = await store.failed_messages(conn, email_id=email_id, account_id=account_id)
-    await write_encoded(conn, outcome_events(kept))
+    await outbox.write_many(conn, outcome_events(kept))
     if envelope.data.failed not in (requeued, requeued + len(kept)):
         # The campaign service waits for `failed` outcomes: a mismatch leaves it waiting.
         log.warning(
