@@ -14,8 +14,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from campaign import domain, emails
-from campaign.clients import AuthClient, KeyOwner, Unavailable
+from campaign.clients import AuthClient, Unavailable
 from campaign.config import Settings
 from campaign.metrics import REQUESTS
 from herald import db
@@ -35,6 +35,7 @@ from herald.metrics import EVENT_HANDLING
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _FIELDS = frozenset(SendRequested.model_fields)
 _NAMESPACE = uuid.UUID("5b0c3c9e-4d0e-4a8e-9a55-1f1b3f1e6a01")
 
@@ -94,6 +95,10 @@ def parse_request(raw: bytes | None) -> tuple[Envelope[SendRequested], bool]:
     return envelope, bare
 
 
+class _StoppedWaiting(Exception):
+    """The consumer stopped while auth could not be reached."""
+
+
 class RequestsConsumer(ConsumerRunner):
     """The shared runner, with its decoding step replaced by `parse_request` and the checks."""
 
@@ -136,15 +141,22 @@ class RequestsConsumer(ConsumerRunner):
     async def accept(self, raw: bytes | None) -> Envelope[SendRequested] | None:
         """The request ready for its handler (account resolved, API key dropped), None if
         stopped while waiting for auth, or PoisonMessage."""
+        try:
+            return await self._accept(raw)
+        except _StoppedWaiting:
+            return None
+
+    async def _accept(self, raw: bytes | None) -> Envelope[SendRequested]:
         envelope, bare = parse_request(raw)
         data = envelope.data
         account_id = envelope.account_id
         if data.api_key:
             if data.system:
                 raise PoisonMessage("system: only Herald's own services send system mail")
-            owner = await self._key_owner(data.api_key)
+            api_key = data.api_key
+            owner = await self._from_auth(lambda: self._auth.verify_api_key(api_key))
             if owner is None:
-                return None
+                raise PoisonMessage("api_key: unknown or revoked API key")
             if account_id is not None and account_id != owner.account_id:
                 raise PoisonMessage("account_id does not match the api_key's account")
             account_id = owner.account_id
@@ -160,50 +172,33 @@ class RequestsConsumer(ConsumerRunner):
             correlation_id=envelope.correlation_id,
             event_id=event_id,
         )
-        if not data.system and not await self._sender_fresh(account_id):
-            return None
+        if not data.system:
+            # Campaign's copy of the sender, brought up to date from auth when it may be behind
+            # (a user who confirmed their address and published at once).
+            resolved = account_id
+            await self._from_auth(
+                lambda: emails.fresh_sender(
+                    self._pool, self._auth, settings=self._campaign_settings, account_id=resolved
+                )
+            )
         await self._dry_run(ready)
         return ready
 
-    async def _sender_fresh(self, account_id: uuid.UUID) -> bool:
-        """Campaign's copy of the account's sender, brought up to date from auth when it may be
-        behind (a user who confirmed their address and published at once); False if stopped
-        while auth was unreachable."""
+    async def _from_auth(self, ask: Callable[[], Awaitable[T]]) -> T:
+        """`ask`'s answer, asked again with back-off while auth cannot be reached (or
+        _StoppedWaiting if the consumer stops meanwhile)."""
         delay = 0.5
         while True:
             try:
-                await emails.fresh_sender(
-                    self._pool,
-                    self._auth,
-                    settings=self._campaign_settings,
-                    account_id=account_id,
-                )
-            except ApiError as exc:
-                if exc.status != 503:
+                return await ask()
+            except (Unavailable, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status != 503:
                     raise
                 if self._stopping.is_set():
-                    return False
-                log.warning("auth unreachable, request waits", extra={"error": exc.message})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            return True
-
-    async def _key_owner(self, api_key: str) -> KeyOwner | None:
-        delay = 0.5
-        while True:
-            try:
-                owner = await self._auth.verify_api_key(api_key)
-            except Unavailable as exc:
-                if self._stopping.is_set():
-                    return None
+                    raise _StoppedWaiting from None
                 log.warning("auth unreachable, request waits", extra={"error": str(exc)})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-                continue
-            if owner is None:
-                raise PoisonMessage("api_key: unknown or revoked API key")
-            return owner
 
     async def _dry_run(self, envelope: Envelope[SendRequested]) -> None:
         """Try the request's effect and roll it back: refusals (sender, quota) surface here."""
