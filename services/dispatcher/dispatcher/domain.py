@@ -177,7 +177,7 @@ def clean_reply(text: str) -> str:
 
 
 # How the reply of a message whose retries ran out starts (`store.requeue_given_up` finds
-# them by it, in SQL).
+# them by it).
 GAVE_UP = "gave up after "
 
 

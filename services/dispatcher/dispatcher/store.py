@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from dispatcher.domain import GAVE_UP
 from herald.db import Conn
 
 # Columns a dispatcher needs to build and account for a claimed message (constant, ours).
@@ -107,7 +108,7 @@ async def requeue_given_up(
     conn: Conn, *, email_id: uuid.UUID, account_id: uuid.UUID, besides: Sequence[str] = ()
 ) -> int:
     """Queue again the email's messages that failed only because their retries ran out (the
-    delivery engine's "gave up after" reply: 4xx, timeouts, lost connections), but those to the
+    delivery engine's `GAVE_UP` reply: 4xx, timeouts, lost connections), but those to the
     lower-cased addresses `besides`, due now with a fresh retry horizon; returns how many.
     `attempts` goes on counting."""
     status: str = await conn.execute(
@@ -115,10 +116,11 @@ async def requeue_given_up(
            SET state = 'queued', next_attempt_at = now(), queued_at = now(), finished_at = NULL,
                smtp_code = NULL, smtp_reply = NULL, claimed_by = NULL, handed_over_at = NULL
            WHERE email_id = $1 AND account_id = $2 AND state = 'failed'
-             AND smtp_reply LIKE 'gave up after %' AND lower(recipient) <> ALL($3::text[])""",
+             AND starts_with(smtp_reply, $4) AND lower(recipient) <> ALL($3::text[])""",
         email_id,
         account_id,
         list(besides),
+        GAVE_UP,
     )
     requeued = int(status.split()[-1])
     if requeued:
