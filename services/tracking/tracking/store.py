@@ -254,17 +254,17 @@ async def lock_for_outcomes(
     if not keys:
         return {}
     addresses = sorted({(e, r) for _, e, r in keys})
-    # A union of two index lookups: an OR of both conditions would be planned as a scan.
+    # The message ids, with those of the addresses' rows (found first, by index, in an
+    # InitPlan), as one array: an OR of both conditions is planned as a scan, and so was an
+    # IN over their UNION, a hash join over every row of the table (23 ms a batch at 40,000
+    # rows, growing with the table); `= ANY(array)` is one index scan of the primary key.
     rows = await conn.fetch(
         f"""SELECT {_RCOLS} FROM recipients
-            WHERE message_id IN (
-                SELECT unnest($1::text[])
-                UNION
+            WHERE message_id = ANY($1::text[] || ARRAY(
                 SELECT r.message_id
-                FROM recipients r
-                JOIN unnest($2::uuid[], $3::text[]) AS k(email_id, recipient)
-                  ON r.email_id = k.email_id AND r.recipient = k.recipient
-                WHERE r.recipient IS NOT NULL)
+                FROM unnest($2::uuid[], $3::text[]) AS k(email_id, recipient)
+                JOIN recipients r ON r.email_id = k.email_id AND r.recipient = k.recipient
+                WHERE r.recipient IS NOT NULL))
             ORDER BY message_id FOR UPDATE""",
         sorted({m for m, _, _ in keys}),
         [e for e, _ in addresses],
