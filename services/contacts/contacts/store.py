@@ -438,7 +438,11 @@ async def recipients_page(
     their attributes as JSON text (`attributes_json`), to be passed on without decoding.
 
     Each list contributes at most `limit` members past `after` (walking its index), so a page
-    costs the same at any depth and however the lists overlap.
+    costs the same at any depth and however the lists overlap. Two spellings keep it so (the
+    plans PostgreSQL chose otherwise): `c.id > after` beside `m.contact_id > after`, or the
+    contacts side of the join was read from the account's first contact; and `= ANY(ARRAY(..))`
+    for the page itself, or it was a hash join over every contact of the account (23 ms a page
+    half way through 200,000 contacts; 1.4 ms now).
     """
     return list(
         await conn.fetch(
@@ -448,7 +452,7 @@ async def recipients_page(
                        SELECT m.contact_id FROM memberships m
                          JOIN contacts c ON c.account_id = m.account_id AND c.id = m.contact_id
                         WHERE m.account_id = $1 AND m.list_id = l.list_id
-                          AND m.contact_id > $4 AND c.status = 'active'
+                          AND m.contact_id > $4 AND c.id > $4 AND c.status = 'active'
                         ORDER BY m.contact_id LIMIT $5) x
                    UNION
                    SELECT id FROM contacts
@@ -457,7 +461,7 @@ async def recipients_page(
                SELECT c.id, c.email, c.first_name, c.last_name,
                       c.attributes::text AS attributes_json
                  FROM contacts c
-                WHERE c.account_id = $1 AND c.id IN (SELECT contact_id FROM wanted)
+                WHERE c.account_id = $1 AND c.id = ANY(ARRAY(SELECT contact_id FROM wanted))
                 ORDER BY c.id LIMIT $5""",
             account_id,
             list(list_ids),
