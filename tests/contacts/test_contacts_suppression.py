@@ -189,6 +189,30 @@ async def test_one_click_unsubscribe_excludes_the_contact_from_the_next_send(
     assert "You are unsubscribed" in page.text
 
 
+async def test_an_address_that_folds_differently_in_python_is_still_unsubscribed(
+    account: Account, signer: LinkSigner
+):
+    # Python lower-cases a final capital sigma to U+03C2, PostgreSQL's lower() to U+03C3:
+    # the contact must be found by the address it was stored under all the same.
+    email = f"{uuid.uuid4().hex[:8]}ΟΔΥΣΣΕΑΣ@example.com"
+    contact = await account.contact(email)
+    token = signer.sign("unsubscribe", UnsubscribeToken(a=account.id, r=email, e=uuid.uuid4()))
+    response = await account.gateway.post(
+        f"/unsubscribe/{token}",
+        content=b"List-Unsubscribe=One-Click",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 200, response.text
+    assert await account.status_of(contact["id"]) == "unsubscribed"
+
+    # And an address unsubscribed before it was a contact is added as unsubscribed.
+    later = f"{uuid.uuid4().hex[:8]}ΟΔΥΣΣΕΑΣ@example.com"
+    token = signer.sign("unsubscribe", UnsubscribeToken(a=account.id, r=later, e=uuid.uuid4()))
+    response = await account.gateway.post(f"/unsubscribe/{token}")
+    assert response.status_code == 200, response.text
+    assert (await account.contact(later))["status"] == "unsubscribed"
+
+
 async def test_forged_or_misused_tokens_are_not_found(account: Account, signer: LinkSigner):
     contact = await account.contact()
     token = signer.sign("unsubscribe", UnsubscribeToken(a=account.id, r=contact["email"]))

@@ -151,7 +151,7 @@ async def update_contact(
         status: domain.Status = current["status"]
         if patch.email is not None and domain.email_key(patch.email) != domain.email_key(email):
             key = domain.email_key(patch.email)
-            if await store.contact_by_email(conn, account_id=account_id, email_key=key):
+            if await store.contact_by_email(conn, account_id=account_id, email=patch.email):
                 raise ApiError(409, "conflict", "a contact has this address", field="email")
             reason = await store.suppression_reason(conn, account_id=account_id, email_key=key)
             status = domain.status_after_email_change(status, reason)
@@ -202,7 +202,7 @@ async def suppress(
         conn, account_id=account_id, email_key=key, reason=reason, email_id=email_id
     )
     contact = await store.deactivate_contact(
-        conn, account_id=account_id, email_key=key, status=domain.status_for(reason)
+        conn, account_id=account_id, email=email, status=domain.status_for(reason)
     )
     if not added and contact is None:
         return False
@@ -227,9 +227,7 @@ def normalise_or_lower(address: str) -> str:
 
 async def count_soft_bounce(conn: Conn, *, account_id: uuid.UUID, email: str) -> None:
     """Soft bounces are counted against the contact, never suppressed."""
-    await store.count_soft_bounce(
-        conn, account_id=account_id, email_key=domain.email_key(normalise_or_lower(email))
-    )
+    await store.count_soft_bounce(conn, account_id=account_id, email=normalise_or_lower(email))
     SOFT_BOUNCES.inc()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from contacts.domain import email_key
 from herald.db import Conn
 
 # Before every id: the first keyset page starts "after" it.
@@ -41,10 +42,10 @@ async def insert_contacts(
                                       status)
                 SELECT $1, n.email, n.first_name, n.last_name, n.attributes,
                        {_STATUS_FROM_SUPPRESSION}
-                  FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[])
-                       WITH ORDINALITY AS n(email, first_name, last_name, attributes, ord)
+                  FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[])
+                       WITH ORDINALITY AS n(email, first_name, last_name, attributes, key, ord)
                   LEFT JOIN suppressions sup
-                         ON sup.account_id = $1 AND sup.email_lower = lower(n.email)
+                         ON sup.account_id = $1 AND sup.email_lower IN (n.key, lower(n.email))
                  ORDER BY n.ord
                 ON CONFLICT (account_id, lower(email)) DO NOTHING
                 RETURNING {_CONTACT}""",
@@ -53,6 +54,8 @@ async def insert_contacts(
             list(first_names),
             list(last_names),
             list(attributes),
+            # Suppressions are keyed by Python's fold (see _SAME_ADDRESS).
+            [email_key(e) for e in emails],
         )
     )
 
@@ -70,14 +73,23 @@ async def get_contact(
 
 
 async def contact_by_email(
-    conn: Conn, *, account_id: uuid.UUID, email_key: str
+    conn: Conn, *, account_id: uuid.UUID, email: str
 ) -> asyncpg.Record | None:
     """The account's contact with this address (compared case-insensitively)."""
     return await conn.fetchrow(
-        f"SELECT {_CONTACT} FROM contacts WHERE account_id = $1 AND lower(email) = $2",
+        f"SELECT {_CONTACT} FROM contacts WHERE account_id = $1 AND {_SAME_ADDRESS}",
         account_id,
-        email_key,
+        email_key(email),
+        email,
     )
+
+
+# The contact of an address ($2 its key, $3 the address itself). Python's str.lower and
+# PostgreSQL's lower() fold a few letters differently (a final capital sigma becomes U+03C2
+# in one, U+03C3 in the other), and the unique index is on lower(email) while suppressions
+# are keyed by Python's fold: either fold names the contact. Both are constants, so the
+# address index still serves.
+_SAME_ADDRESS = "lower(email) IN ($2, lower($3))"
 
 
 def _filters(first_param: int, *, status: str | None, q: str | None, alias: str) -> str:
@@ -362,26 +374,28 @@ async def suppression_reason(conn: Conn, *, account_id: uuid.UUID, email_key: st
 
 
 async def deactivate_contact(
-    conn: Conn, *, account_id: uuid.UUID, email_key: str, status: str
+    conn: Conn, *, account_id: uuid.UUID, email: str, status: str
 ) -> asyncpg.Record | None:
     """Give the active contact with this address `status`; None if there is none active."""
     return await conn.fetchrow(
-        """UPDATE contacts SET status = $3, updated_at = now()
-            WHERE account_id = $1 AND lower(email) = $2 AND status = 'active'
+        f"""UPDATE contacts SET status = $4, updated_at = now()
+            WHERE account_id = $1 AND {_SAME_ADDRESS} AND status = 'active'
         RETURNING id, email""",
         account_id,
-        email_key,
+        email_key(email),
+        email,
         status,
     )
 
 
-async def count_soft_bounce(conn: Conn, *, account_id: uuid.UUID, email_key: str) -> None:
+async def count_soft_bounce(conn: Conn, *, account_id: uuid.UUID, email: str) -> None:
     """Count a soft bounce against the contact with this address."""
     await conn.execute(
-        """UPDATE contacts SET soft_bounces = soft_bounces + 1
-            WHERE account_id = $1 AND lower(email) = $2""",
+        f"""UPDATE contacts SET soft_bounces = soft_bounces + 1
+            WHERE account_id = $1 AND {_SAME_ADDRESS}""",
         account_id,
-        email_key,
+        email_key(email),
+        email,
     )
 
 
