@@ -49,6 +49,23 @@ async def test_duplicate_rows_are_counted_and_named_with_the_row_that_replaced_t
     assert (again["duplicate_count"], again["duplicates"], again["skipped"]) == (0, [], 0)
 
 
+async def test_addresses_alike_only_to_the_database_are_duplicates_too(account: Account):
+    # Python folds the final capital sigma of row 2 to U+03C2, PostgreSQL's lower() (which the
+    # unique index uses) to U+03C3, as row 3 has it: for the database one address, twice.
+    tag = uuid.uuid4().hex[:8]
+    lines = [
+        "email,first_name",
+        f"{tag}ΟΔΥΣΣΕΑΣ@example.com,Upper",
+        f"{tag}οδυσσεασ@example.com,Lower",
+    ]
+    job = await account.finished_import(("\n".join(lines) + "\n").encode())
+    assert job["status"] == "succeeded", job
+    assert (job["created"], job["duplicate_count"]) == (1, 1), job
+    assert job["duplicates"] == [{"row": 2, "kept_row": 3}]
+    [contact] = [c for c in await account.all_contacts() if c["email"].startswith(tag)]
+    assert contact["first_name"] == "Lower"
+
+
 async def test_only_the_first_duplicate_rows_are_named_but_all_are_counted(account: Account):
     tag = uuid.uuid4().hex[:8]
     # 150 addresses twice, then the first ten a third time: rows 2-151 are replaced (by rows

@@ -288,15 +288,17 @@ def inspect_file(path: Path, options: Options) -> domain.ColumnPlan:
         raise _bad("columns" if options.mapping else "file", str(exc)) from None
 
 
-def _may_hold_nul(path: Path, options: Options) -> bool:
-    """Whether a cell of the file may hold a NUL: looked for once, so rows need not be."""
+def _scan(path: Path, options: Options) -> tuple[bool, bool]:
+    """Whether a cell of the file may hold a NUL, and whether every byte is ASCII: looked for
+    once, so rows need not be."""
     if options.encoding.startswith("utf-16"):
-        return True  # zero bytes are in most characters; the rows are checked one by one
+        return True, False  # zero bytes are in most characters; the rows are checked one by one
+    may_hold_nul, ascii_only = False, True
     with path.open("rb") as raw:
         while chunk := raw.read(1 << 20):
-            if b"\x00" in chunk:
-                return True
-    return False
+            may_hold_nul = may_hold_nul or b"\x00" in chunk
+            ascii_only = ascii_only and chunk.isascii()
+    return may_hold_nul, ascii_only
 
 
 @contextlib.contextmanager
@@ -329,7 +331,8 @@ class RowReader:
         self._rows = self._stack.enter_context(_rows(path, options))
         self._plan = plan
         self._keep = keep_errors
-        self._nul_free = not _may_hold_nul(path, options)
+        may_hold_nul, self.ascii_only = _scan(path, options)
+        self._nul_free = not may_hold_nul
         next(self._rows)  # the header
         self.row_no = 1  # as a spreadsheet numbers rows: the header is row 1
         self.rows_read = 0
@@ -488,7 +491,7 @@ class Importer:
                     await self._stage(conn, reader, job)
                     staged = time.perf_counter()
                     duplicate_count, duplicates = await store.drop_duplicates(
-                        conn, keep=self.settings.import_keep_errors
+                        conn, keep=self.settings.import_keep_errors, ascii_only=reader.ascii_only
                     )
                     created, updated = await store.apply_import(
                         conn,
