@@ -288,17 +288,15 @@ def inspect_file(path: Path, options: Options) -> domain.ColumnPlan:
         raise _bad("columns" if options.mapping else "file", str(exc)) from None
 
 
-def _scan(path: Path, options: Options) -> tuple[bool, bool]:
-    """Whether a cell of the file may hold a NUL, and whether every byte is ASCII: looked for
-    once, so rows need not be."""
+def _may_hold_nul(path: Path, options: Options) -> bool:
+    """Whether a cell of the file may hold a NUL: looked for once, so rows need not be."""
     if options.encoding.startswith("utf-16"):
-        return True, False  # zero bytes are in most characters; the rows are checked one by one
-    may_hold_nul, ascii_only = False, True
+        return True  # zero bytes are in most characters; the rows are checked one by one
     with path.open("rb") as raw:
         while chunk := raw.read(1 << 20):
-            may_hold_nul = may_hold_nul or b"\x00" in chunk
-            ascii_only = ascii_only and chunk.isascii()
-    return may_hold_nul, ascii_only
+            if b"\x00" in chunk:
+                return True
+    return False
 
 
 @contextlib.contextmanager
@@ -331,13 +329,14 @@ class RowReader:
         self._rows = self._stack.enter_context(_rows(path, options))
         self._plan = plan
         self._keep = keep_errors
-        may_hold_nul, self.ascii_only = _scan(path, options)
-        self._nul_free = not may_hold_nul
+        self._nul_free = not _may_hold_nul(path, options)
         next(self._rows)  # the header
         self.row_no = 1  # as a spreadsheet numbers rows: the header is row 1
         self.rows_read = 0
         self.error_count = 0
         self.errors: list[dict[str, object]] = []
+        # Whether every staged address is ASCII (then Python and PostgreSQL fold them alike).
+        self.ascii_addresses = True
 
     def read(self, size: int) -> Chunk:
         records: list[domain.StagedRow] = []
@@ -361,6 +360,7 @@ class RowReader:
                     continue
                 records.append(staged)
                 if len(records) >= size:
+                    self._note_addresses(records)
                     return Chunk(records, done=False)
         except csv.Error as exc:
             raise ImportFailed(f"row {row_no + 1} is not CSV: {exc}") from None
@@ -369,7 +369,13 @@ class RowReader:
         finally:
             self.row_no = row_no
             self.rows_read = rows_read
+        self._note_addresses(records)
         return Chunk(records, done=True)
+
+    def _note_addresses(self, records: list[domain.StagedRow]) -> None:
+        # Once per chunk, in C: joined, the chunk's addresses are checked at memory speed.
+        if self.ascii_addresses:
+            self.ascii_addresses = "".join(record[1] for record in records).isascii()
 
     def close(self) -> None:
         self._stack.close()
@@ -491,7 +497,9 @@ class Importer:
                     await self._stage(conn, reader, job)
                     staged = time.perf_counter()
                     duplicate_count, duplicates = await store.drop_duplicates(
-                        conn, keep=self.settings.import_keep_errors, ascii_only=reader.ascii_only
+                        conn,
+                        keep=self.settings.import_keep_errors,
+                        ascii_addresses=reader.ascii_addresses,
                     )
                     created, updated = await store.apply_import(
                         conn,

@@ -635,12 +635,12 @@ async def copy_staged(conn: Conn, *, records: Sequence[tuple[Any, ...]]) -> None
 
 
 async def drop_duplicates(
-    conn: Conn, *, keep: int, ascii_only: bool = False
+    conn: Conn, *, keep: int, ascii_addresses: bool = False
 ) -> tuple[int, list[dict[str, int]]]:
     """Delete the staged rows whose address comes again later in the file (the last row of an
     address wins, whole); returns how many, and the first `keep` of them by row number, each
-    with the row that replaced it (`kept_row`). `ascii_only`: no address has a letter beyond
-    ASCII (the caller looked at the file)."""
+    with the row that replaced it (`kept_row`). `ascii_addresses`: every staged address is ASCII
+    (the caller looked as it staged them)."""
     # Sizes for the planner: it then hashes the staged rows instead of guessing.
     await conn.execute("ANALYZE import_staging")
     count, first_rows = await _drop_duplicates_by(conn, "{t}.email_key", keep=keep)
@@ -648,7 +648,7 @@ async def drop_duplicates(
     # for a few letters (a final capital sigma); two rows alike only by the database's would
     # meet twice in one upsert and fail the whole import. Rare, and never in ASCII, so looked
     # for first (a pass over the staged rows, 0.6 s a million).
-    if not ascii_only and await conn.fetchval(
+    if not ascii_addresses and await conn.fetchval(
         "SELECT EXISTS (SELECT FROM import_staging WHERE email_key <> lower(email))"
     ):
         more, more_rows = await _drop_duplicates_by(conn, "lower({t}.email)", keep=keep)
